@@ -55,8 +55,8 @@ class MethodConfig(_Section):
 class AEConfig(_Section):
     """AlignMixup/AE: `f` (A → e), decoder `D` (e → x̂); see pipeline/models/autoencoder.py."""
 
-    embed_dim: int = Field(2048, ge=8, description="d, the size of e")
-    decoder_width: int = Field(768, ge=8, description="channels of the decoder's first stage")
+    embed_channels: int = Field(1024, ge=8, description="E: channels of e (d = E·h·w)")
+    decoder_width: int = Field(640, ge=8, description="channels of the decoder's first stage")
     decoder_min_width: int = Field(64, ge=8)
     decoder_blocks: int = Field(2, ge=1, description="residual blocks per decoder stage")
 
@@ -117,7 +117,7 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, ge=1, description="stop early after this many steps")
     amp: Literal["no", "bf16", "fp16"] = "bf16"
     seed: int = 0
-    output_dir: str = "runs/default"
+    output_dir: str | None = Field(None, description="None: runs/<name>")
     log_every: int = Field(50, ge=1)
     eval_every: int = Field(1, ge=1, description="epochs between validations")
     checkpoint_every: int = Field(1000, ge=1, description="steps between checkpoints")
@@ -203,21 +203,45 @@ def _apply_override(tree: dict[str, Any], path: list[str], value: Any, text: str
     node[path[-1]] = value
 
 
+def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The YAML mapping of a recipe, with `extends: other.yaml` (relative to it) merged under it."""
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    if path.resolve() in seen:
+        raise RecipeError(f"{path}: 'extends' forms a cycle")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        raise RecipeError(f"{path}: top level must be a mapping of sections")
+    tree = loaded or {}
+    parent = tree.pop("extends", None)
+    if parent is None:
+        return tree
+    if not isinstance(parent, str):
+        raise RecipeError(f"{path}: 'extends' must be a file name, got {parent!r}")
+    return _deep_merge(_read_tree(path.parent / parent, (*seen, path.resolve())), tree)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a YAML recipe (or the defaults when `path` is None), apply overrides, validate."""
+    """Read a YAML recipe (or the defaults when `path` is None), apply overrides, validate.
+
+    A recipe may start with `extends: base.yaml` (a path relative to it): its keys are merged
+    over the base's, section by section.
+    """
     source = str(path) if path is not None else "<defaults>"
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise RecipeError(f"{source}: recipe file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"{source}: not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise RecipeError(f"{source}: top level must be a mapping of sections")
-        tree = loaded or {}
+    tree = _read_tree(Path(path)) if path is not None else {}
     for text in overrides:
         keys, value = parse_override(text)
         _apply_override(tree, keys, value, text)

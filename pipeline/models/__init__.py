@@ -1,0 +1,21 @@
+"""Models: timm backbones split into levels, and the AlignMixup/AE variant."""
+
+from __future__ import annotations
+
+from pipeline.config import ModelConfig
+from pipeline.models.autoencoder import AutoEncoderMixNet
+from pipeline.models.backbone import MixNet
+
+__all__ = ["AutoEncoderMixNet", "MixNet", "build_model", "count_parameters"]
+
+
+def build_model(cfg: ModelConfig, num_classes: int, autoencoder: bool = False) -> MixNet:
+    """The model a recipe asks for; `autoencoder` adds `f` and the decoder (AlignMixup/AE)."""
+    if autoencoder:
+        return AutoEncoderMixNet(cfg.name, num_classes, cfg.ae, cfg.output_stride)
+    return MixNet(cfg.name, num_classes, cfg.output_stride)
+
+
+def count_parameters(model) -> int:
+    """Number of parameters (each shared tensor once)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,106 @@
+"""timm backbones split into levels so that hooks can mix at the input, after any stage, or at `A`.
+
+Level 0 is the input image, level k the output of stage k, level L the last feature tensor
+`A` (B, c, h, w). The classifier `g` is global average pooling and a linear layer (SPEC.md §1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from pipeline.errors import RecipeError
+
+
+class _ForwardFeatures(nn.Module):
+    """One stage running timm's `forward_features`; token outputs (ViTs) become a spatial grid."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.backbone.forward_features(x)
+        if out.ndim == 4:
+            return out
+        if out.ndim != 3:
+            raise ValueError(f"backbone features must be 3D tokens or 4D maps, got {tuple(out.shape)}")
+        tokens = out[:, self.prefix_tokens :]
+        side = math.isqrt(tokens.shape[1])
+        if side * side != tokens.shape[1]:
+            raise ValueError(f"cannot arrange {tokens.shape[1]} patch tokens as a square grid")
+        return tokens.transpose(1, 2).reshape(out.shape[0], out.shape[2], side, side)
+
+
+def split_stages(backbone: nn.Module) -> list[nn.Module]:
+    """The backbone's stages in order; the last one ends at the feature tensor `A`.
+
+    ResNet-style models (timm `layer1..layer4`) and stem+stages models (ConvNeXt, ...) give one
+    level per stage, so manifold mixup can act after any of them; other models run as a single
+    stage through `forward_features` (mixing at the input and at `A` still works).
+    """
+    if all(hasattr(backbone, f"layer{i}") for i in range(1, 5)) and hasattr(backbone, "conv1"):
+        stem = nn.Sequential(backbone.conv1, backbone.bn1, backbone.act1, backbone.maxpool)
+        return [nn.Sequential(stem, backbone.layer1), backbone.layer2, backbone.layer3, backbone.layer4]
+    stages = getattr(backbone, "stages", None)
+    if hasattr(backbone, "stem") and isinstance(stages, nn.Sequential) and len(stages) > 1:
+        parts: list[nn.Module] = [nn.Sequential(backbone.stem, stages[0]), *list(stages)[1:]]
+        norm_pre = getattr(backbone, "norm_pre", None)
+        if norm_pre is not None and not isinstance(norm_pre, nn.Identity):
+            parts[-1] = nn.Sequential(parts[-1], norm_pre)
+        return parts
+    return [_ForwardFeatures(backbone)]
+
+
+def create_backbone(name: str, output_stride: int = 32) -> tuple[list[nn.Module], int]:
+    """A timm model without its head, as stages, and its number of feature channels."""
+    kwargs = {"num_classes": 0, "global_pool": ""}
+    if output_stride != 32:
+        kwargs["output_stride"] = output_stride
+    try:
+        backbone = timm.create_model(name, pretrained=False, **kwargs)
+    except RuntimeError as exc:  # timm raises RuntimeError for unknown model names
+        raise RecipeError(f"model.name: timm has no model {name!r} ({exc})") from None
+    return split_stages(backbone), int(backbone.num_features)
+
+
+class MixNet(nn.Module):
+    """Encoder `F` as levels plus the classifier `g` (pool + linear); see docs/architecture.md."""
+
+    has_decoder = False
+
+    def __init__(self, name: str, num_classes: int, output_stride: int = 32) -> None:
+        super().__init__()
+        stages, self.feature_channels = create_backbone(name, output_stride)
+        self.stages = nn.ModuleList(stages)
+        self.classifier = nn.Linear(self._head_channels(), num_classes)
+
+    def _head_channels(self) -> int:
+        return self.feature_channels
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.stages)
+
+    def forward_levels(self, h: Tensor, start: int, stop: int) -> Tensor:
+        """Run stages start+1 … stop: level `start` in, level `stop` out."""
+        if not 0 <= start <= stop <= self.num_levels:
+            raise ValueError(f"levels must satisfy 0 <= start <= stop <= {self.num_levels}")
+        for stage in self.stages[start:stop]:
+            h = stage(h)
+        return h
+
+    def features(self, x: Tensor) -> Tensor:
+        """The last feature tensor `A` (B, c, h, w)."""
+        return self.forward_levels(x, 0, self.num_levels)
+
+    def head(self, a: Tensor) -> Tensor:
+        """Class scores from `A`."""
+        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(a, 1), 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))

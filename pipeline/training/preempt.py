@@ -1,0 +1,42 @@
+"""Preemption: a signal or a stop file asks the run to checkpoint and exit with status 3.
+
+Slurm sends USR1 to the batch shell before the time limit (`--signal=B:USR1@...`); the shell
+creates `<output_dir>/PREEMPT` and forwards the signal. Every rank polls both, and the ranks agree
+through one all-reduce every `preempt_check_every` steps, so they stop at the same step.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import torch
+
+EXIT_PREEMPTED = 3
+STOP_FILE = "PREEMPT"
+
+
+class PreemptionWatch:
+    """Records SIGUSR1/SIGTERM and checks for the stop file."""
+
+    def __init__(self, output_dir: str | Path) -> None:
+        self.stop_file = Path(output_dir) / STOP_FILE
+        self.signalled = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self.signalled = True
+
+    def requested(self, accelerator) -> bool:
+        """True on every rank if any rank was asked to stop."""
+        flag = torch.tensor(
+            float(self.signalled or self.stop_file.exists()), device=accelerator.device
+        )
+        if accelerator.num_processes > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def clear(self) -> None:
+        """Forget a stop request (the run has checkpointed and is about to exit)."""
+        self.stop_file.unlink(missing_ok=True)

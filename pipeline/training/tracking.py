@@ -1,0 +1,103 @@
+"""MLflow tracking: one run per training run, continued on resume; only the main rank logs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Recipe, dump_recipe
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def resolve_tracking_uri(recipe_uri: str | None = None) -> str:
+    """The recipe's URI, else `$MLFLOW_TRACKING_URI`, else a SQLite store in the working dir."""
+    return recipe_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+class Tracker:
+    """Thin wrapper over MLflow that is a no-op on non-main ranks."""
+
+    def __init__(self, recipe: Recipe, enabled: bool) -> None:
+        self.recipe = recipe
+        self.enabled = enabled
+        self.run_id: str | None = None
+
+    def start(self, run_id: str | None, extra_params: dict[str, Any]) -> str | None:
+        """Start a new run, or continue `run_id` (resume) without re-logging params."""
+        if not self.enabled:
+            return run_id
+        import mlflow
+
+        mlflow.set_tracking_uri(resolve_tracking_uri(self.recipe.tracking.tracking_uri))
+        mlflow.set_experiment(self.recipe.tracking.experiment)
+        system = self.recipe.tracking.system_metrics
+        if run_id is not None:
+            run = mlflow.start_run(run_id=run_id, log_system_metrics=system)
+        else:
+            run = mlflow.start_run(
+                run_name=self.recipe.tracking.run_name or self.recipe.name,
+                log_system_metrics=system,
+            )
+            mlflow.log_params({**self.recipe.flat(), **extra_params})
+            mlflow.log_text(dump_recipe(self.recipe), "recipe.yaml")
+            mlflow.set_tags({"method": self.recipe.method.name, "model": self.recipe.model.name})
+        self.run_id = run.info.run_id
+        return self.run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.enabled and metrics:
+            import mlflow
+
+            mlflow.log_metrics(metrics, step=step)
+
+    def artifact(self, path: Path, folder: str | None = None) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def history(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) pairs of a metric in this run, the last value per step."""
+        if not self.enabled or self.run_id is None:
+            return []
+        from mlflow.tracking import MlflowClient
+
+        points = MlflowClient().get_metric_history(self.run_id, key)
+        return sorted({m.step: m.value for m in sorted(points, key=lambda m: m.timestamp)}.items())
+
+    def end(self, status: str) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.end_run(status=status)
+
+
+def plot_curves(tracker: Tracker, path: Path) -> Path | None:
+    """Training loss and validation error curves of the run, as one PNG."""
+    loss = tracker.history("train/loss")
+    top1 = tracker.history("val/top1_err")
+    if not loss and not top1:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    if loss:
+        ax1.plot(*zip(*loss, strict=True), lw=1)
+    ax1.set(xlabel="step", ylabel="training loss", title="loss")
+    if top1:
+        ax2.plot(*zip(*top1, strict=True), marker="o", label="top-1")
+        top5 = tracker.history("val/top5_err")
+        if top5:
+            ax2.plot(*zip(*top5, strict=True), marker="o", label="top-5")
+        ax2.legend()
+    ax2.set(xlabel="epoch", ylabel="validation error (%)", title="validation error")
+    fig.suptitle(f"{tracker.recipe.name} ({tracker.recipe.method.name})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,175 @@
+"""Training hooks: each loss is λ·CE(y) + (1−λ)·CE(y[π]) of logits we rebuild independently;
+the AE decoder learns on clean batches only and the classifier never sees a decoded image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pipeline.hooks.alignmixup as alignmixup_module
+import pipeline.hooks.standard as standard_module
+from pipeline.config import AEConfig, ModelConfig, load_recipe
+from pipeline.hooks import build_hook
+from pipeline.mixing import align_mix, cutmix, input_mixup, mix
+from pipeline.models import build_model
+
+B, K = 8, 10
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(B, 3, 32, 32, generator=g), torch.randperm(K, generator=g)[:B]
+
+
+def _model(autoencoder=False):
+    torch.manual_seed(0)
+    ae = AEConfig(embed_channels=16, decoder_width=16, decoder_min_width=8, decoder_blocks=1)
+    cfg = ModelConfig(name="test_resnet", output_stride=8, ae=ae)
+    return build_model(cfg, K, autoencoder=autoencoder).eval()  # eval: BN is deterministic
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """The (λ, π) each hook draws, recorded from the real sample_mix."""
+    draws = []
+
+    def wrap(module):
+        real = module.sample_mix
+
+        def recording(*args, **kwargs):
+            draws.append(real(*args, **kwargs))
+            return draws[-1]
+
+        monkeypatch.setattr(module, "sample_mix", recording)
+
+    wrap(standard_module)
+    wrap(alignmixup_module)
+    return draws
+
+
+def _hook(method, **method_overrides):
+    extra = [f"method.{k}={v}" for k, v in method_overrides.items()]
+    return build_hook(load_recipe(None, [f"method.name={method}", *extra]))
+
+
+def _mixed_ce(logits, y, perm, lam):
+    return lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
+
+
+def test_baseline_is_plain_cross_entropy():
+    model, (x, y) = _model(), _batch()
+    out = _hook("baseline")(model, x, y, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.loss, F.cross_entropy(model(x), y))
+
+
+def test_input_mixup_loss(recorded):
+    model, (x, y) = _model(), _batch()
+    out = _hook("input_mixup")(model, x, y, torch.Generator().manual_seed(3))
+    s = recorded[-1]
+    assert 0 < s.lam < 1 and sorted(s.perm.tolist()) == list(range(B))
+    expected = model(s.lam * x + (1 - s.lam) * x[s.perm])
+    torch.testing.assert_close(out.logits, expected)
+    torch.testing.assert_close(out.loss, _mixed_ce(expected, y, s.perm, s.lam))
+
+
+def test_cutmix_loss_uses_the_area_corrected_lambda(recorded):
+    model, (x, y) = _model(), _batch()
+    np.random.seed(0)  # timm places the box with NumPy's global generator
+    out = _hook("cutmix")(model, x, y, torch.Generator().manual_seed(4))
+    s = recorded[-1]
+    lam = float(out.stats["lam"])
+    mixed = x.clone()
+    np.random.seed(0)
+    changed = (cutmix(x, s.perm, s.lam)[0] != x).any(dim=(0, 1))  # the pasted box
+    mixed[:, :, changed] = x[s.perm][:, :, changed]
+    assert lam == pytest.approx(1 - changed.float().mean().item(), abs=1e-6)
+    torch.testing.assert_close(out.logits, model(mixed))
+    torch.testing.assert_close(out.loss, _mixed_ce(model(mixed), y, s.perm, lam))
+
+
+def test_manifold_mixup_mixes_at_one_of_the_levels(recorded):
+    model, (x, y) = _model(), _batch()
+    out = _hook("manifold_mixup", manifold_levels="[1,2]")(
+        model, x, y, torch.Generator().manual_seed(5)
+    )
+    s = recorded[-1]
+    level = int(out.stats["level"])
+    assert level in (1, 2)
+    h = model.forward_levels(x, 0, level)
+    expected = model.head(model.forward_levels(mix(h, h[s.perm], s.lam), level, 4))
+    torch.testing.assert_close(out.logits, expected)
+    torch.testing.assert_close(out.loss, _mixed_ce(expected, y, s.perm, s.lam))
+
+
+def test_alignmixup_is_input_mixup_or_aligned_mixing(recorded):
+    model, (x, y) = _model(), _batch()
+    hook = _hook("alignmixup")
+    kinds = set()
+    for seed in range(12):
+        out = hook(model, x, y, torch.Generator().manual_seed(seed))
+        s = recorded[-1]
+        a = model.features(x)
+        candidates = {
+            "input": model(input_mixup(x, s.perm, s.lam)),
+            "eq11": model.head(align_mix(a, a[s.perm], s.lam, 0)),
+            "eq12": model.head(align_mix(a, a[s.perm], s.lam, 1)),
+        }
+        matches = [k for k, v in candidates.items() if torch.allclose(out.logits, v, atol=1e-5)]
+        assert len(matches) >= 1, seed
+        kinds.add(matches[0])
+        torch.testing.assert_close(out.loss, _mixed_ce(out.logits, y, s.perm, s.lam))
+        assert float(out.stats["aligned"]) == (matches[0] != "input")
+    assert kinds == {"input", "eq11", "eq12"}  # both halves of the schedule, both directions
+
+
+def _decoder_grads(model):
+    return [p.grad for p in model.decoder.parameters()]
+
+
+def test_ae_decoder_learns_on_clean_batches_only():
+    x, y = _batch()
+    hook = _hook("alignmixup_ae")
+    seen = set()
+    for seed in range(16):
+        model = _model(autoencoder=True)
+        encoder_calls = []
+        model.stages[0].register_forward_pre_hook(lambda m, inp: encoder_calls.append(inp[0]))
+        classifier_inputs = []
+        model.classifier.register_forward_pre_hook(lambda m, inp: classifier_inputs.append(inp[0]))
+        out = hook(model, x, y, torch.Generator().manual_seed(seed))
+        out.loss.backward()
+        # The encoder ran once, on the (possibly mixed) images, never on a decoded image, and
+        # the classifier read one pooled embedding.
+        assert len(encoder_calls) == 1 and len(classifier_inputs) == 1
+        clean = bool(out.stats["clean"])
+        if clean:
+            torch.testing.assert_close(encoder_calls[0], x)
+        seen.add(clean)
+        grads = _decoder_grads(model)
+        if clean:
+            assert all(g is not None and g.abs().sum() > 0 for g in grads)
+            e = model.embed(model.features(x))
+            recon = F.mse_loss(model.decode(e), x)
+            expected = F.cross_entropy(model.classify(e), y) + recon
+            torch.testing.assert_close(out.loss, expected)
+        else:
+            assert all(g is None for g in grads)
+    assert seen == {True, False}
+
+
+def test_alignmixup_or_cutmix_uses_both():
+    model, (x, y) = _model(), _batch()
+    hook = _hook("alignmixup_or_cutmix")
+    used = {("aligned" in hook(model, x, y, torch.Generator().manual_seed(s)).stats)
+            for s in range(10)}
+    assert used == {True, False}
+
+
+def test_same_generator_seed_gives_the_same_step():
+    model, (x, y) = _model(), _batch()
+    hook = _hook("alignmixup")
+    first = hook(model, x, y, torch.Generator().manual_seed(7)).loss
+    second = hook(model, x, y, torch.Generator().manual_seed(7)).loss
+    assert first.item() == second.item()
