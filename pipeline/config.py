@@ -127,6 +127,12 @@ class TrainConfig(_Section):
     cpu: bool = False
     progress: bool = True
 
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_no_means_no(cls, v: Any) -> Any:
+        """YAML reads a bare `no` as False; it means no mixed precision."""
+        return "no" if v is False else v
+
 
 class TrackingConfig(_Section):
     experiment: str = "alignmixup"

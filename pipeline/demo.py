@@ -44,8 +44,10 @@ def run(args: argparse.Namespace) -> int:
     ae = next((s for s in summaries if s.method == "alignmixup_ae"), None)
     if ae is not None:
         _interpolation_figure(Path(ae.output_dir), root)
-    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; "
-          "browse the runs with `make mlflow-ui`, compare them with `make compare ARGS='--experiment demo'`")
+    print(
+        f"\ndemo finished in {time.perf_counter() - started:.0f} s. Browse the runs with "
+        "`make mlflow-ui`; compare them with `make compare ARGS='--experiment demo'`."
+    )
     return 0
 
 

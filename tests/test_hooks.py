@@ -162,8 +162,9 @@ def test_ae_decoder_learns_on_clean_batches_only():
 def test_alignmixup_or_cutmix_uses_both():
     model, (x, y) = _model(), _batch()
     hook = _hook("alignmixup_or_cutmix")
-    used = {("aligned" in hook(model, x, y, torch.Generator().manual_seed(s)).stats)
-            for s in range(10)}
+    used = {
+        ("aligned" in hook(model, x, y, torch.Generator().manual_seed(s)).stats) for s in range(10)
+    }
     assert used == {True, False}
 
 

@@ -42,8 +42,10 @@ def test_output_stride_16_doubles_the_map():
 
 @pytest.mark.parametrize("size", [(64, 64), (96, 128)])
 def test_ae_decodes_to_input_size_and_classifies_from_e(size):
-    cfg = ModelConfig(name="test_resnet", ae=AEConfig(embed_channels=32, decoder_width=32,
-                                                      decoder_min_width=8, decoder_blocks=1))
+    cfg = ModelConfig(
+        name="test_resnet",
+        ae=AEConfig(embed_channels=32, decoder_width=32, decoder_min_width=8, decoder_blocks=1),
+    )
     model = build_model(cfg, 10, autoencoder=True).eval()
     x = torch.randn(2, 3, *size)
     a = model.features(x)
@@ -62,5 +64,5 @@ def test_vit_tokens_become_a_grid():
 
 
 def test_unknown_model_names_the_key():
-    with pytest.raises(RecipeError, match="model.name.*no_such_net"):
+    with pytest.raises(RecipeError, match=r"model\.name.*no_such_net"):
         build_model(ModelConfig(name="no_such_net"), 10)

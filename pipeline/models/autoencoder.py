@@ -15,6 +15,7 @@ Our design (SPEC.md §4 leaves it open; documented in docs/models.md):
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from torch import Tensor, nn
@@ -52,9 +53,11 @@ class ResidualDecoder(nn.Module):
 
     def __init__(self, in_channels: int, upsamplings: int, cfg: AEConfig) -> None:
         super().__init__()
-        widths = [max(cfg.decoder_width >> i, cfg.decoder_min_width) for i in range(upsamplings + 1)]
+        widths = [
+            max(cfg.decoder_width >> i, cfg.decoder_min_width) for i in range(upsamplings + 1)
+        ]
         layers: list[nn.Module] = [_conv_bn_relu(in_channels, widths[0], k=1)]
-        for cin, cout in zip(widths[:-1], widths[1:], strict=True):
+        for cin, cout in itertools.pairwise(widths):
             layers += [nn.Upsample(scale_factor=2, mode="nearest"), _conv_bn_relu(cin, cout)]
             layers += [ResidualBlock(cout) for _ in range(cfg.decoder_blocks)]
         layers.append(nn.Conv2d(widths[-1], 3, 3, padding=1))
@@ -69,9 +72,7 @@ class AutoEncoderMixNet(MixNet):
 
     has_decoder = True
 
-    def __init__(
-        self, name: str, num_classes: int, cfg: AEConfig, output_stride: int = 32
-    ) -> None:
+    def __init__(self, name: str, num_classes: int, cfg: AEConfig, output_stride: int = 32) -> None:
         self._embed_channels = cfg.embed_channels
         super().__init__(name, num_classes, output_stride)
         self.embedding = _conv_bn_relu(self.feature_channels, cfg.embed_channels, k=1)

@@ -28,7 +28,9 @@ class _ForwardFeatures(nn.Module):
         if out.ndim == 4:
             return out
         if out.ndim != 3:
-            raise ValueError(f"backbone features must be 3D tokens or 4D maps, got {tuple(out.shape)}")
+            raise ValueError(
+                f"backbone features must be 3D tokens or 4D maps, got {tuple(out.shape)}"
+            )
         tokens = out[:, self.prefix_tokens :]
         side = math.isqrt(tokens.shape[1])
         if side * side != tokens.shape[1]:
@@ -45,7 +47,12 @@ def split_stages(backbone: nn.Module) -> list[nn.Module]:
     """
     if all(hasattr(backbone, f"layer{i}") for i in range(1, 5)) and hasattr(backbone, "conv1"):
         stem = nn.Sequential(backbone.conv1, backbone.bn1, backbone.act1, backbone.maxpool)
-        return [nn.Sequential(stem, backbone.layer1), backbone.layer2, backbone.layer3, backbone.layer4]
+        return [
+            nn.Sequential(stem, backbone.layer1),
+            backbone.layer2,
+            backbone.layer3,
+            backbone.layer4,
+        ]
     stages = getattr(backbone, "stages", None)
     if hasattr(backbone, "stem") and isinstance(stages, nn.Sequential) and len(stages) > 1:
         parts: list[nn.Module] = [nn.Sequential(backbone.stem, stages[0]), *list(stages)[1:]]

@@ -64,8 +64,14 @@ def read_state(folder: Path) -> TrainerState:
         raise CheckpointError(f"{folder / STATE_FILE}: unreadable trainer state ({exc})") from exc
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState, recipe: Recipe,
-                    meta: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(
+    accelerator,
+    output_dir: str | Path,
+    state: TrainerState,
+    recipe: Recipe,
+    meta: dict[str, Any],
+    keep: int,
+) -> Path:
     """Save Accelerate state plus trainer state atomically; keep the newest `keep` folders.
 
     Every rank must call this (Accelerate saves per-rank RNG states); the main rank renames.
@@ -96,8 +102,14 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState, re
     return final
 
 
-def save_final_model(path: Path, model: torch.nn.Module, recipe: Recipe, num_classes: int,
-                     class_names: list[str], state: TrainerState) -> None:
+def save_final_model(
+    path: Path,
+    model: torch.nn.Module,
+    recipe: Recipe,
+    num_classes: int,
+    class_names: list[str],
+    state: TrainerState,
+) -> None:
     """The trained model with what it takes to rebuild it (see docs/architecture.md)."""
     payload = {
         "recipe": recipe.model_dump(mode="json"),

@@ -143,7 +143,7 @@ class Trainer:
     # ------------------------------------------------------------------- loop
     def fit(self) -> RunSummary:
         """Train until the recipe's epochs or max_steps, or until preempted."""
-        acc, cfg = self.accelerator, self.recipe.train
+        acc = self.accelerator
         started = time.perf_counter()
         self._resume()
         if self.state.finished:
@@ -151,8 +151,12 @@ class Trainer:
             return self._summary(started, timing=None)
         self.state.mlflow_run_id = self.tracker.start(
             self.state.mlflow_run_id,
-            {"num_params": self.num_params, "world_size": acc.num_processes,
-             "lr_scaled": self.base_lr, "steps_per_epoch": self.steps_per_epoch},
+            {
+                "num_params": self.num_params,
+                "world_size": acc.num_processes,
+                "lr_scaled": self.base_lr,
+                "steps_per_epoch": self.steps_per_epoch,
+            },
         )
         self.state.mlflow_run_id = _broadcast_str(acc, self.state.mlflow_run_id)
         if self.loaders.skipped:
@@ -184,8 +188,9 @@ class Trainer:
             epoch = self.state.epoch
             loader = self.loaders.train
             loader.set_epoch(epoch, start_step=self.state.step_in_epoch)
-            remaining = min(self.steps_per_epoch - self.state.step_in_epoch,
-                            self.total_steps - self.state.step)
+            remaining = min(
+                self.steps_per_epoch - self.state.step_in_epoch, self.total_steps - self.state.step
+            )
             progress = _progress(remaining, f"epoch {epoch}", acc.is_main_process and cfg.progress)
             window = _Window(self.state.step)
             for images, labels in loader:
@@ -204,7 +209,10 @@ class Trainer:
                     self._check_finite(window)
                     progress.close()
                     return timing, True
-                if self.state.step >= self.total_steps or self.state.step_in_epoch >= self.steps_per_epoch:
+                if (
+                    self.state.step >= self.total_steps
+                    or self.state.step_in_epoch >= self.steps_per_epoch
+                ):
                     break
             progress.close()
             timing = self._log_window(window, None) or timing
@@ -226,7 +234,9 @@ class Trainer:
             images = images.contiguous(memory_format=torch.channels_last)
         self.set_lr(self.state.step)
         with self.accelerator.autocast():
-            loss, _, _ = self.runner(images, labels, step_generator(cfg.train.seed, self.state.step))
+            loss, _, _ = self.runner(
+                images, labels, step_generator(cfg.train.seed, self.state.step)
+            )
         self.accelerator.backward(loss)
         if cfg.optim.grad_clip is not None:
             self.accelerator.clip_grad_norm_(self.runner.parameters(), cfg.optim.grad_clip)
@@ -247,8 +257,12 @@ class Trainer:
         msec = 1e3 * elapsed / n
         ips = n * self.recipe.data.batch_size * self.accelerator.num_processes / elapsed
         self.tracker.log(
-            {"train/loss": mean_loss, "train/lr": self.optimizer.param_groups[0]["lr"],
-             "perf/msec_per_batch": msec, "perf/images_per_s": ips},
+            {
+                "train/loss": mean_loss,
+                "train/lr": self.optimizer.param_groups[0]["lr"],
+                "perf/msec_per_batch": msec,
+                "perf/images_per_s": ips,
+            },
             self.state.step,
         )
         if progress is not None:
@@ -309,8 +323,14 @@ class Trainer:
     # ----------------------------------------------------------- checkpoints
     def _checkpoint(self) -> None:
         meta = {"num_classes": self.num_classes, "class_names": self.loaders.class_names}
-        save_checkpoint(self.accelerator, self.output_dir, self.state, self.recipe, meta,
-                        self.recipe.train.keep_checkpoints)
+        save_checkpoint(
+            self.accelerator,
+            self.output_dir,
+            self.state,
+            self.recipe,
+            meta,
+            self.recipe.train.keep_checkpoints,
+        )
 
     def _finish(self) -> None:
         acc = self.accelerator
@@ -318,8 +338,9 @@ class Trainer:
             return
         model = acc.unwrap_model(self.runner).model
         final = self.output_dir / FINAL_MODEL
-        save_final_model(final, model, self.recipe, self.num_classes, self.loaders.class_names,
-                         self.state)
+        save_final_model(
+            final, model, self.recipe, self.num_classes, self.loaders.class_names, self.state
+        )
         curves = plot_curves(self.tracker, self.output_dir / "curves.png")
         if curves is not None:
             self.tracker.artifact(curves)
@@ -391,8 +412,7 @@ def _load_pretrained(model: MixNet, path: str) -> None:
 
     source, _, _ = load_model(path)
     own = model.state_dict()
-    weights = {k: v for k, v in source.state_dict().items()
-               if k in own and own[k].shape == v.shape}
+    weights = {k: v for k, v in source.state_dict().items() if k in own and own[k].shape == v.shape}
     if not any(k.startswith("stages.") for k in weights):
         raise CheckpointError(
             f"model.pretrained: {path} shares no backbone weights with this recipe's model"
@@ -402,17 +422,38 @@ def _load_pretrained(model: MixNet, path: str) -> None:
 
 def summary_table(summaries: list[RunSummary]) -> str:
     """A plain-text table of runs, for the end of `train` and `demo`."""
-    cols = ["run", "method", "params", "steps", "top-1 err", "best", "top-5 err", "ms/batch",
-            "img/s", "wall s"]
+    cols = [
+        "run",
+        "method",
+        "params",
+        "steps",
+        "top-1 err",
+        "best",
+        "top-5 err",
+        "ms/batch",
+        "img/s",
+        "wall s",
+    ]
+
     def fmt(v: float | None, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
     rows = []
     for s in summaries:
-        rows.append([s.name, s.method, f"{s.params / 1e6:.2f}M", str(s.steps),
-                     fmt(s.top1_err, ".2f"), fmt(s.best_top1_err, ".2f"), fmt(s.top5_err, ".2f"),
-                     fmt(s.msec_per_batch, ".0f"), fmt(s.images_per_s, ".0f"),
-                     f"{s.wall_s:.0f}"])
+        rows.append(
+            [
+                s.name,
+                s.method,
+                f"{s.params / 1e6:.2f}M",
+                str(s.steps),
+                fmt(s.top1_err, ".2f"),
+                fmt(s.best_top1_err, ".2f"),
+                fmt(s.top5_err, ".2f"),
+                fmt(s.msec_per_batch, ".0f"),
+                fmt(s.images_per_s, ".0f"),
+                f"{s.wall_s:.0f}",
+            ]
+        )
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
 
     def line(cells: list[str]) -> str:

@@ -1,0 +1,280 @@
+"""The trainer end to end on the digits: tracking, checkpoints, resume after SIGKILL, preemption,
+NaN losses, bad input, and a real two-process gloo DDP run."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import load_recipe
+from pipeline.errors import TrainingError
+from pipeline.training import Trainer
+from pipeline.training.checkpoint import list_checkpoints, load_model, read_state
+from pipeline.training.preempt import EXIT_PREEMPTED, STOP_FILE
+
+pytestmark = pytest.mark.slow
+
+
+def _losses(uri: str, run_id: str) -> dict[int, float]:
+    """train/loss per step, the last value logged at each step (a resumed run re-logs some)."""
+    client = MlflowClient(tracking_uri=uri)
+    points = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.timestamp)
+    return {m.step: m.value for m in points}
+
+
+def _runs(uri: str, experiment: str):
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+def _train_cli(overrides: list[str], env: dict, **kwargs) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "train",
+        "--recipe",
+        "recipes/demo_baseline.yaml",
+        *overrides,
+    ]
+    return subprocess.run(
+        cmd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parent.parent,
+        **kwargs,
+    )
+
+
+def test_run_finishes_tracked_and_reloadable(tiny_overrides, mlflow_uri, tmp_path):
+    recipe = load_recipe(
+        None,
+        tiny_overrides(
+            "name=finish",
+            "method.name=alignmixup",
+            "train.max_steps=6",
+            "train.checkpoint_every=2",
+            "train.keep_checkpoints=2",
+            "tracking.experiment=t_finish",
+        ),
+    )
+    summary = Trainer(recipe).fit()
+    assert summary.steps == 6 and summary.top1_err is not None
+
+    run = MlflowClient(tracking_uri=mlflow_uri).get_run(summary.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["method.name"] == "alignmixup"
+    assert int(run.data.params["num_params"]) == summary.params
+    assert run.data.metrics["final/top1_err"] == pytest.approx(summary.top1_err)
+    assert sorted(_losses(mlflow_uri, run.info.run_id)) == [1, 2, 3, 4, 5, 6]
+    artifacts = {
+        a.path for a in MlflowClient(tracking_uri=mlflow_uri).list_artifacts(run.info.run_id)
+    }
+    assert {"recipe.yaml", "curves.png"} <= artifacts
+
+    # keep_checkpoints=2: only the newest two, each complete.
+    ckpts = list_checkpoints(recipe.train.output_dir)
+    assert [p.name for p in ckpts] == ["step_00000004", "step_00000006"]
+    assert read_state(ckpts[-1]).finished
+
+    # The final model file rebuilds the same network: same val error as the run reported.
+    model, loaded_recipe, extra = load_model(Path(recipe.train.output_dir) / "model_final.pt")
+    assert loaded_recipe == recipe and extra["mlflow_run_id"] == summary.mlflow_run_id
+    from pipeline.data import build_loaders
+
+    loaders = build_loaders(recipe.data, 0, 1, "cpu", recipe.train.seed)
+    wrong = total = 0
+    with torch.no_grad():
+        for images, labels in loaders.val:
+            keep = labels >= 0
+            wrong += (model(images).argmax(1)[keep] != labels[keep]).sum().item()
+            total += keep.sum().item()
+    assert 100.0 * wrong / total == pytest.approx(summary.top1_err, abs=1e-4)
+
+    # Running the finished recipe again does nothing and keeps the run FINISHED.
+    again = Trainer(recipe).fit()
+    assert again.steps == 6
+    assert (
+        MlflowClient(tracking_uri=mlflow_uri).get_run(summary.mlflow_run_id).info.status
+        == "FINISHED"
+    )
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(
+    tiny_overrides, mlflow_uri, subprocess_env
+):
+    common = [
+        "method.name=alignmixup",
+        "train.max_steps=12",
+        "train.checkpoint_every=4",
+        "tracking.experiment=t_kill",
+    ]
+    reference = _train_cli(
+        tiny_overrides(*common, "name=uninterrupted", output="ref"), subprocess_env
+    )
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    overrides = tiny_overrides(*common, "name=killed", output="killed")
+    out_dir = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("train.output_dir")))
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "train",
+        "--recipe",
+        "recipes/demo_baseline.yaml",
+        *overrides,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=subprocess_env,
+        cwd=Path(__file__).parent.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    while not (out_dir / "checkpoints" / "step_00000008").is_dir():
+        assert proc.poll() is None, "run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-epoch: an epoch here is 90 steps
+    proc.wait()
+    state = read_state(list_checkpoints(out_dir)[-1])
+    assert state.step >= 8 and state.step < 12 and state.epoch == 0
+
+    resumed = _train_cli(overrides, subprocess_env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+
+    runs = {r.info.run_name: r for r in _runs(mlflow_uri, "t_kill")}
+    assert set(runs) == {"uninterrupted", "killed"}  # the resume continued the same run
+    assert runs["killed"].info.run_id == state.mlflow_run_id
+    assert runs["killed"].info.status == "FINISHED"
+    ref = _losses(mlflow_uri, runs["uninterrupted"].info.run_id)
+    got = _losses(mlflow_uri, runs["killed"].info.run_id)
+    assert sorted(got) == list(range(1, 13))
+    for step in range(1, 13):
+        assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), step
+
+
+def test_preemption_checkpoints_exits_3_and_resumes(tiny_overrides, mlflow_uri, subprocess_env):
+    overrides = tiny_overrides(
+        "name=preempted",
+        "train.max_steps=6",
+        "train.preempt_check_every=2",
+        "tracking.experiment=t_preempt",
+    )
+    out_dir = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("train.output_dir")))
+    out_dir.mkdir(parents=True)
+    (out_dir / STOP_FILE).touch()  # as the Slurm script does when USR1 arrives
+    first = _train_cli(overrides, subprocess_env)
+    assert first.returncode == EXIT_PREEMPTED, first.stderr[-2000:]
+    assert [p.name for p in list_checkpoints(out_dir)] == ["step_00000002"]
+    assert not (out_dir / STOP_FILE).exists()
+
+    second = _train_cli(overrides, subprocess_env)
+    assert second.returncode == 0, second.stderr[-2000:]
+    (run,) = _runs(mlflow_uri, "t_preempt")
+    assert run.info.status == "FINISHED"
+    assert sorted(_losses(mlflow_uri, run.info.run_id)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_nan_loss_names_the_step_and_keeps_the_last_good_checkpoint(tiny_overrides, mlflow_uri):
+    recipe = load_recipe(
+        None,
+        tiny_overrides(
+            "name=nan",
+            "optim.lr=1.0e+30",
+            "train.max_steps=20",
+            "train.checkpoint_every=1",
+            "tracking.experiment=t_nan",
+        ),
+    )
+    with pytest.raises(TrainingError, match=r"non-finite loss .* at step (\d+)") as err:
+        Trainer(recipe).fit()
+    bad_step = int(err.value.args[0].split("at step ")[1].split()[0])
+    (run,) = _runs(mlflow_uri, "t_nan")
+    losses = _losses(mlflow_uri, run.info.run_id)
+    # Every logged step before the bad one is finite, and the newest checkpoint is the one before.
+    assert sorted(losses) == list(range(1, bad_step))
+    assert all(v == v and abs(v) != float("inf") for v in losses.values())
+    assert read_state(list_checkpoints(recipe.train.output_dir)[-1]).step == bad_step - 1
+    assert f"step_{bad_step - 1:08d}" in str(err.value)
+    assert run.info.status == "FAILED"
+
+
+def test_bad_recipe_and_missing_data_exit_2_with_named_errors(
+    tiny_overrides, subprocess_env, tmp_path
+):
+    bad = _train_cli(tiny_overrides("optim.lrr=0.1"), subprocess_env)
+    assert bad.returncode == 2 and "unknown key 'optim.lrr'" in bad.stderr
+    missing = _train_cli(tiny_overrides(f"data.root={tmp_path / 'no_such_data'}"), subprocess_env)
+    assert missing.returncode == 2 and "no_such_data" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+DDP_SCRIPT = """
+import sys, torch
+from pipeline.config import load_recipe
+from pipeline.training import Trainer
+trainer = Trainer(load_recipe(None, sys.argv[2:]))
+rank = trainer.accelerator.process_index
+snapshot = lambda: {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+torch.save(snapshot(), f"{sys.argv[1]}/initial{rank}.pt")
+trainer.fit()
+torch.save(snapshot(), f"{sys.argv[1]}/rank{rank}.pt")
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_ddp_ends_with_identical_parameters(
+    tiny_overrides, subprocess_env, tmp_path
+):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    overrides = tiny_overrides(
+        "name=ddp",
+        "method.name=alignmixup_ae",
+        "train.max_steps=4",
+        "model.ae.embed_channels=16",
+        "model.ae.decoder_width=16",
+        "model.ae.decoder_min_width=8",
+        "tracking.experiment=t_ddp",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        str(script),
+        str(tmp_path),
+        *overrides,
+    ]
+    proc = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    initial = torch.load(tmp_path / "initial0.pt")
+    assert rank0.keys() == rank1.keys() == initial.keys()
+    for key in rank0:  # parameters; BatchNorm running stats are per rank, as in any DDP run
+        torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0, msg=key)
+    # They trained (the classifier and the decoder moved), and only rank 0 wrote the model file.
+    for key in ("classifier.weight", "decoder.net.0.0.weight", "stages.0.0.0.0.weight"):
+        assert not torch.equal(rank0[key], initial[key]), key
+    assert (tmp_path / "run" / "model_final.pt").is_file()
