@@ -128,16 +128,20 @@ def _decoder_grads(model):
     return [p.grad for p in model.decoder.parameters()]
 
 
+def _recorder(calls: list):
+    """A forward pre-hook that keeps each call's first input."""
+    return lambda module, inputs: calls.append(inputs[0])
+
+
 def test_ae_decoder_learns_on_clean_batches_only():
     x, y = _batch()
     hook = _hook("alignmixup_ae")
     seen = set()
     for seed in range(16):
         model = _model(autoencoder=True)
-        encoder_calls = []
-        model.stages[0].register_forward_pre_hook(lambda m, inp: encoder_calls.append(inp[0]))
-        classifier_inputs = []
-        model.classifier.register_forward_pre_hook(lambda m, inp: classifier_inputs.append(inp[0]))
+        encoder_calls, classifier_inputs = [], []
+        model.stages[0].register_forward_pre_hook(_recorder(encoder_calls))
+        model.classifier.register_forward_pre_hook(_recorder(classifier_inputs))
         out = hook(model, x, y, torch.Generator().manual_seed(seed))
         out.loss.backward()
         # The encoder ran once, on the (possibly mixed) images, never on a decoded image, and
