@@ -40,7 +40,9 @@ class MethodConfig(_Section):
     alpha: float = Field(2.0, gt=0, description="λ ~ Beta(α, α)")
     sinkhorn: Literal["authors", "converged"] = "authors"
     sinkhorn_eps: float = Field(0.1, gt=0)
-    sinkhorn_max_iter: int = Field(100, ge=1)
+    sinkhorn_max_iter: int | None = Field(
+        None, ge=1, description="None: 100 for authors, 1000 for converged"
+    )
     manifold_levels: list[int] = Field(
         default_factory=lambda: [0, 1, 2, 3],
         description="levels manifold mixup draws from (0 = input, k = after stage k)",
@@ -108,6 +110,13 @@ class OptimConfig(_Section):
     milestones: list[int] = Field(default_factory=lambda: [75, 150, 225], description="epochs")
     gamma: float = Field(0.1, gt=0, le=1)
     warmup_epochs: float = Field(0.0, ge=0)
+    head_lr_ratio: float = Field(
+        1.0, gt=0, description="lr multiplier for head_params (wsolevaluation's classifier ratio)"
+    )
+    head_params: list[str] = Field(
+        default_factory=list,
+        description="parameter-name prefixes that get head_lr_ratio, e.g. [stages.3., classifier.]",
+    )
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: float | None = Field(None, gt=0)
 

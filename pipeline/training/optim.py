@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from pipeline.config import OptimConfig
+from pipeline.errors import RecipeError
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
@@ -16,11 +17,29 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.lr * global_batch / cfg.reference_batch if cfg.scale_lr else cfg.lr
 
 
+def param_groups(cfg: OptimConfig, model: nn.Module) -> list[dict]:
+    """One group, or two when `head_params` get `head_lr_ratio` times the lr (CUB fine-tuning).
+
+    Each group's `lr_scale` is applied by the schedule on every step.
+    """
+    head = [p for n, p in model.named_parameters() if n.startswith(tuple(cfg.head_params))]
+    if not cfg.head_params or cfg.head_lr_ratio == 1.0:
+        return [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    if not head:
+        raise RecipeError(f"optim.head_params: no parameter name starts with {cfg.head_params}")
+    ids = {id(p) for p in head}
+    body = [p for p in model.parameters() if id(p) not in ids]
+    return [{"params": body, "lr_scale": 1.0}, {"params": head, "lr_scale": cfg.head_lr_ratio}]
+
+
 def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum as in the authors' code, or any optimiser timm knows."""
+    groups = param_groups(cfg, model)
+    for group in groups:
+        group["lr"] = lr * group["lr_scale"]
     if cfg.name == "authors_sgd":
         return torch.optim.SGD(
-            model.parameters(),
+            groups,
             lr=lr,
             momentum=cfg.momentum,
             nesterov=cfg.nesterov and cfg.momentum > 0,
@@ -29,7 +48,7 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float) -> torch.opti
     from timm.optim import create_optimizer_v2
 
     return create_optimizer_v2(
-        model, opt=cfg.timm_opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+        groups, opt=cfg.timm_opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
     )
 
 
@@ -80,7 +99,7 @@ def build_schedule(
     def set_lr(step: int) -> float:
         lr = base_lr * factor(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
     return set_lr

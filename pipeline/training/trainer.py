@@ -366,7 +366,9 @@ class Trainer:
         )
 
     def _print(self, text: str) -> None:
-        self.accelerator.print(text)
+        """Print once per job (the global main rank), not once per node."""
+        if self.accelerator.is_main_process:
+            print(text, flush=True)
 
 
 class _Window:

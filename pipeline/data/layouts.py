@@ -1,0 +1,205 @@
+"""Dataset layouts turned into one file list: (path, label) pairs plus class names.
+
+Both loader backends read the same `SplitIndex`, so they see the same files in the same order.
+Three layouts (recipe `data.layout`):
+
+- `imagefolder`: ImageNet style, `ROOT/train/<class>/*` and `ROOT/val/<class>/*`; classes are
+  the sorted folder names of `train` (val may hold a subset of them).
+- `filelist`: text files of `relative/path label` lines (recipe `data.train_list`,
+  `data.val_list`; relative to `ROOT` when not absolute), paths relative to `ROOT`.
+- `cub`: CUB-200-2011 in wsolevaluation's metadata layout, `ROOT/metadata/<split>/` holding
+  `image_ids.txt`, `class_labels.txt`, `image_sizes.txt` and `localization.txt`, image paths
+  relative to `ROOT`; the loaders train on `train` and validate on `test`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.errors import DataError
+
+if TYPE_CHECKING:
+    from pipeline.config import DataConfig
+
+# Extensions both PIL and DALI's decoders read (torchvision's IMG_EXTENSIONS less .pgm/.ppm
+# variants DALI treats alike); anything else in a class folder is reported as a non-image file.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+SPLITS = {"imagefolder": ("train", "val"), "filelist": ("train", "val"), "cub": ("train", "test")}
+
+
+@dataclass
+class SplitIndex:
+    """One split: absolute file paths, integer labels, and the dataset's class names."""
+
+    files: list[str]
+    labels: list[int]
+    class_names: list[str]
+    problems: list[tuple[str, str]] = field(default_factory=list)  # bad files, skippable
+    errors: list[tuple[str, str]] = field(default_factory=list)  # bad folders, never skipped
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def subset(self, keep: list[int]) -> SplitIndex:
+        """The same split restricted to the positions in `keep` (in that order)."""
+        return SplitIndex(
+            [self.files[i] for i in keep],
+            [self.labels[i] for i in keep],
+            self.class_names,
+            list(self.problems),
+            list(self.errors),
+        )
+
+
+@dataclass(frozen=True)
+class CubRecord:
+    """One CUB image: path, label, ground-truth boxes (x0, y0, x1, y1) and size (w, h)."""
+
+    path: str
+    label: int
+    boxes: list[tuple[float, float, float, float]]
+    size: tuple[int, int]
+
+
+def _require_dir(path: Path, what: str) -> None:
+    if not path.is_dir():
+        raise DataError(f"{path}: {what} not found (no such directory)")
+
+
+def _is_hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
+def scan_imagefolder(
+    root: str | Path, split: str, class_names: list[str] | None = None
+) -> SplitIndex:
+    """`ROOT/<split>/<class>/*` → SplitIndex; non-image files are problems, empty classes errors.
+
+    `class_names` (from the train split) fixes the label of each folder; a val folder whose class
+    is not among them is an error, since the model could never predict it.
+    """
+    root = Path(root)
+    _require_dir(root, "data folder")
+    split_dir = root / split
+    _require_dir(split_dir, f"split '{split}' of {root}")
+    folders = sorted(p for p in split_dir.iterdir() if p.is_dir() and not _is_hidden(p))
+    if not folders:
+        raise DataError(f"{split_dir}: no class folders (expected {split_dir}/<class>/<image>)")
+    names = class_names if class_names is not None else [p.name for p in folders]
+    label_of = {name: i for i, name in enumerate(names)}
+    index = SplitIndex([], [], list(names))
+    for folder in folders:
+        if folder.name not in label_of:
+            index.errors.append(
+                (str(folder), f"class '{folder.name}' is not among the train classes")
+            )
+            continue
+        count = 0
+        for path in sorted(folder.rglob("*")):
+            if path.is_dir() or _is_hidden(path):
+                continue
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                index.problems.append((str(path), "not an image file (extension)"))
+                continue
+            index.files.append(str(path))
+            index.labels.append(label_of[folder.name])
+            count += 1
+        if count == 0:
+            index.errors.append((str(folder), "empty class folder (no image files)"))
+    return index
+
+
+def read_filelist(list_path: str | Path, root: str | Path) -> SplitIndex:
+    """Lines `relative/path label` → SplitIndex (class names are the label numbers)."""
+    root = Path(root)
+    list_path = Path(list_path)
+    if not list_path.is_absolute() and not list_path.is_file():
+        list_path = root / list_path
+    if not list_path.is_file():
+        raise DataError(f"{list_path}: file list not found")
+    index = SplitIndex([], [], [])
+    for lineno, line in enumerate(list_path.read_text().splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit() or int(parts[1]) < 0:
+            raise DataError(f"{list_path}:{lineno}: expected 'path label', got {line!r}")
+        index.files.append(str(root / parts[0]))
+        index.labels.append(int(parts[1]))
+    if not index.files:
+        raise DataError(f"{list_path}: file list is empty")
+    index.class_names = [str(i) for i in range(max(index.labels) + 1)]
+    return index
+
+
+def _read_rows(path: Path, width: int) -> list[list[str]]:
+    if not path.is_file():
+        raise DataError(f"{path}: CUB metadata file not found")
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = [part.strip() for part in line.split(",")]
+        if len(row) != width:
+            raise DataError(
+                f"{path}:{lineno}: expected {width} comma-separated fields, got {line!r}"
+            )
+        rows.append(row)
+    return rows
+
+
+def load_cub_metadata(root: str | Path, split: str) -> list[CubRecord]:
+    """wsolevaluation metadata for one split → one CubRecord per image, in image_ids.txt order."""
+    root = Path(root)
+    _require_dir(root, "data folder")
+    meta = root / "metadata" / split
+    _require_dir(meta, f"CUB metadata of split '{split}'")
+    ids = [row[0] for row in _read_rows(meta / "image_ids.txt", 1)]
+    labels = {p: int(v) for p, v in _read_rows(meta / "class_labels.txt", 2)}
+    sizes = {p: (int(w), int(h)) for p, w, h in _read_rows(meta / "image_sizes.txt", 3)}
+    boxes: dict[str, list[tuple[float, float, float, float]]] = {}
+    for p, *xyxy in _read_rows(meta / "localization.txt", 5):
+        x0, y0, x1, y1 = (float(v) for v in xyxy)
+        boxes.setdefault(p, []).append((x0, y0, x1, y1))
+    records = []
+    for p in ids:
+        for table, name in ((labels, "class_labels.txt"), (sizes, "image_sizes.txt")):
+            if p not in table:
+                raise DataError(f"{meta / name}: no entry for image '{p}'")
+        records.append(CubRecord(str(root / p), labels[p], boxes.get(p, []), sizes[p]))
+    if not records:
+        raise DataError(f"{meta / 'image_ids.txt'}: no images listed")
+    return records
+
+
+def scan_cub(root: str | Path, split: str) -> SplitIndex:
+    """CUB split → SplitIndex; class names are the first path component of each class's images."""
+    records = load_cub_metadata(root, split)
+    num_classes = max(r.label for r in records) + 1
+    names = [str(i) for i in range(num_classes)]
+    for r in records:
+        parent = Path(r.path).relative_to(root).parts
+        if len(parent) > 1:
+            names[r.label] = parent[0]
+    return SplitIndex([r.path for r in records], [r.label for r in records], names)
+
+
+def scan_split(cfg: DataConfig, split: str, class_names: list[str] | None = None) -> SplitIndex:
+    """The recipe's layout → the file list of `split` ('train' or 'val')."""
+    if cfg.layout == "imagefolder":
+        return scan_imagefolder(cfg.root, split, class_names)
+    if cfg.layout == "filelist":
+        list_path = cfg.train_list if split == "train" else cfg.val_list
+        if list_path is None:
+            raise DataError(f"data.{split}_list: required by data.layout=filelist")
+        index = read_filelist(list_path, cfg.root)
+        if class_names is not None:
+            if max(index.labels) >= len(class_names):
+                raise DataError(f"{list_path}: label {max(index.labels)} ≥ train classes")
+            index.class_names = list(class_names)
+        return index
+    _require_dir(Path(cfg.root), "data folder")
+    return scan_cub(cfg.root, "train" if split == "train" else "test")

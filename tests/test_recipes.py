@@ -1,0 +1,132 @@
+"""The published recipes load through the schema and hold the authors' settings.
+
+References: SPEC.md §3 (the authors' ImageNet training) and wsolevaluation's ResNet-50 CAM
+settings for CUB (clovaai/wsolevaluation: SGD Nesterov 0.9, lr 2.3222617e-4 at batch 32,
+weight decay 1e-4, 50 epochs, lr × 0.1 every 15 epochs, large feature map), written out here
+rather than read back from the recipes.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import METHODS, load_recipe
+from pipeline.training.optim import scaled_lr
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGENET_METHODS = (
+    "baseline",
+    "input_mixup",
+    "cutmix",
+    "manifold_mixup",
+    "alignmixup",
+    "alignmixup_ae",
+)
+CUB_METHODS = ("baseline", "cutmix", "alignmixup")
+IMAGENET = [f"imagenet_{m}" for m in IMAGENET_METHODS]
+CUB = [f"cub_wsol_{m}" for m in CUB_METHODS]
+
+
+def recipe(name: str):
+    return load_recipe(REPO / "recipes" / f"{name}.yaml")
+
+
+def sbatch_option(name: str, option: str) -> str:
+    """The value of `#SBATCH --<option>=...` in slurm/<name>.sh."""
+    text = (REPO / "slurm" / f"{name}.sh").read_text()
+    found = re.findall(rf"^#SBATCH --{option}=(\S+)$", text, flags=re.M)
+    assert len(found) == 1, f"slurm/{name}.sh: expected one #SBATCH --{option}"
+    return found[0]
+
+
+def test_the_published_set_covers_every_method_of_the_paper():
+    assert set(IMAGENET_METHODS) <= set(METHODS)
+    published = {p.stem for p in (REPO / "recipes").glob("*.yaml")}
+    assert set(IMAGENET) | set(CUB) <= published
+
+
+@pytest.mark.parametrize("name", IMAGENET)
+def test_imagenet_recipes_hold_the_authors_settings(name):
+    r = recipe(name)
+    assert r.name == name
+    assert r.method.name == name.removeprefix("imagenet_")
+    assert (r.model.name, r.model.output_stride, r.model.pretrained) == ("resnet50", 32, None)
+    d = r.data
+    assert (d.layout, d.train_size, d.flip) == ("imagefolder", 224, True)
+    assert tuple(d.crop_area) == (0.08, 1.0)
+    assert tuple(d.crop_ratio) == pytest.approx((3 / 4, 4 / 3))
+    assert (d.color_jitter, d.lighting) == (0.4, 0.1)
+    assert (d.val_resize, d.val_crop) == (256, 224)
+    assert tuple(d.mean) == (0.485, 0.456, 0.406) and tuple(d.std) == (0.229, 0.224, 0.225)
+    o = r.optim
+    assert (o.name, o.momentum, o.nesterov, o.weight_decay) == ("authors_sgd", 0.9, True, 1e-4)
+    assert (o.lr, o.reference_batch, o.scale_lr) == (0.1, 1024, True)
+    assert (o.schedule, list(o.milestones), o.gamma) == ("step", [75, 150, 225], 0.1)
+    assert o.warmup_epochs == 0.0
+    assert o.label_smoothing == 0.0
+    assert r.train.epochs == 300 and r.train.max_steps is None and r.train.resume == "auto"
+    assert not r.train.cpu
+
+
+@pytest.mark.parametrize("name", [n for n in IMAGENET if "baseline" not in n and "cutmix" not in n])
+def test_mixup_methods_draw_lambda_from_beta_2_2(name):
+    assert recipe(name).method.alpha == 2.0
+
+
+def test_alignmixup_uses_the_authors_sinkhorn_and_the_ae_its_clean_fifth():
+    for name in ("imagenet_alignmixup", "imagenet_alignmixup_ae"):
+        m = recipe(name).method
+        assert (m.sinkhorn, m.sinkhorn_eps, m.sinkhorn_max_iter) == ("authors", 0.1, 100)
+    ae = recipe("imagenet_alignmixup_ae").method
+    assert ae.ae_clean_prob == 0.2  # the decoder trains on 1/5 of the batches (SPEC.md §4)
+    assert list(ae.ae_mix_levels) == ["x", "A", "e"]  # the ablation's best setting
+
+
+@pytest.mark.parametrize("name", IMAGENET)
+def test_default_slurm_job_trains_at_the_authors_batch_and_lr(name):
+    """8 GPUs × per-GPU batch = 1024, so the linearly scaled lr is the authors' 0.1; 4 nodes
+    of 8 GPUs run a global batch of 4096 at lr 0.4."""
+    r = recipe(name)
+    gpus = int(sbatch_option(name, "gpus-per-node"))
+    assert int(sbatch_option(name, "nodes")) == 1
+    assert r.data.batch_size * gpus == 1024
+    assert scaled_lr(r.optim, r.data.batch_size * gpus) == pytest.approx(0.1)
+    assert scaled_lr(r.optim, r.data.batch_size * gpus * 4) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("name", CUB)
+def test_cub_recipes_hold_wsolevaluations_resnet50_settings(name):
+    r = recipe(name)
+    assert r.name == name
+    assert r.method.name == name.removeprefix("cub_wsol_")
+    assert (r.model.name, r.model.output_stride) == ("resnet50", 16)  # stride 1 in stage 4
+    assert r.model.pretrained  # fine-tuned from ImageNet weights
+    assert (r.data.layout, r.data.train_size, r.data.flip) == ("cub", 224, True)
+    assert (r.data.color_jitter, r.data.lighting) == (0.0, 0.0)
+    assert (r.data.val_resize, r.data.val_crop) == (224, 224)
+    o = r.optim
+    assert (o.momentum, o.nesterov, o.weight_decay) == (0.9, True, 1e-4)
+    assert (o.lr, o.reference_batch) == (2.3222617e-4, 32)
+    assert (o.schedule, list(o.milestones), o.gamma) == ("step", [15, 30, 45], 0.1)
+    assert r.train.epochs == 50
+    gpus = int(sbatch_option(name, "gpus-per-node"))
+    assert r.data.batch_size * gpus == 32  # the default job trains at wsolevaluation's batch
+    if r.method.name == "alignmixup":
+        assert r.method.alpha == 2.0
+    if r.method.name == "cutmix":
+        assert r.method.cutmix_alpha == 1.0  # wsolevaluation's cutmix_beta
+
+
+@pytest.mark.parametrize("name", IMAGENET + CUB)
+def test_each_slurm_script_runs_its_recipe_with_requeue_on_the_time_limit(name):
+    text = (REPO / "slurm" / f"{name}.sh").read_text()
+    assert f"export RECIPE=recipes/{name}.yaml" in text
+    assert re.search(r'^exec bash "\$root/slurm/launch.sh" "\$@"$', text, flags=re.M)
+    assert sbatch_option(name, "job-name") == name
+    assert sbatch_option(name, "ntasks-per-node") == "1"
+    assert re.fullmatch(r"B:USR1@\d+", sbatch_option(name, "signal"))
+    assert sbatch_option(name, "open-mode") == "append"
+    assert re.search(r"^#SBATCH --requeue$", text, flags=re.M)
