@@ -1,0 +1,27 @@
+"""Mixing operators: plain functions on tensors, no module state (see docs/mixing.md)."""
+
+from pipeline.mixing.align import align, align_features, align_mix
+from pipeline.mixing.basic import (
+    MixSample,
+    cutmix,
+    input_mixup,
+    mix,
+    mixed_cross_entropy,
+    sample_mix,
+)
+from pipeline.mixing.sinkhorn import SinkhornResult, sinkhorn, squared_cost
+
+__all__ = [
+    "MixSample",
+    "SinkhornResult",
+    "align",
+    "align_features",
+    "align_mix",
+    "cutmix",
+    "input_mixup",
+    "mix",
+    "mixed_cross_entropy",
+    "sample_mix",
+    "sinkhorn",
+    "squared_cost",
+]

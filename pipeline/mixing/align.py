@@ -1,0 +1,116 @@
+"""Aligned mixing of feature tensors, AlignMixup eq. 11/12 (SPEC.md §3).
+
+The plan is computed under no_grad on detached float32 features, so gradients reach `a` and
+`a_partner` only through the alignment matmul and the mix. Under autocast that matmul runs
+in the autocast dtype (bf16/fp16): the result then differs from the float32 one by about
+that dtype's rounding (relative 2^-8 for bf16, 2^-11 for fp16) of the features' magnitude.
+"""
+
+from __future__ import annotations
+
+from numbers import Real
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from pipeline.mixing.sinkhorn import sinkhorn, squared_cost
+
+__all__ = ["align", "align_features", "align_mix"]
+
+Mode = Literal["authors", "converged"]
+
+
+def _check_pair(a: Tensor, a_partner: Tensor) -> None:
+    """Raise ValueError unless both are (B, c, h, w) tensors of one shape, dtype and device."""
+    if a.dim() != 4 or a_partner.dim() != 4:
+        raise ValueError(
+            f"aligned mixing expects 4-D (B, c, h, w) feature tensors, got shapes "
+            f"{tuple(a.shape)} and {tuple(a_partner.shape)}"
+        )
+    if a.shape != a_partner.shape:
+        raise ValueError(
+            f"aligned mixing expects a and a_partner of the same shape, got "
+            f"{tuple(a.shape)} and {tuple(a_partner.shape)}"
+        )
+    if a.dtype != a_partner.dtype or a.device != a_partner.device:
+        raise ValueError(
+            f"aligned mixing expects a and a_partner of the same dtype and device, got "
+            f"{a.dtype} on {a.device} and {a_partner.dtype} on {a_partner.device}"
+        )
+
+
+def _check_direction(direction: int) -> None:
+    """Raise ValueError unless direction is 0 (eq. 11) or 1 (eq. 12)."""
+    if isinstance(direction, bool) or direction not in (0, 1):
+        raise ValueError(f"direction must be 0 (eq. 11) or 1 (eq. 12), got {direction!r}")
+
+
+def align(
+    a: Tensor,
+    a_partner: Tensor,
+    mode: Mode = "authors",
+    eps: float = 0.1,
+    max_iter: int | None = None,
+) -> Tensor:
+    """Assignment matrix R = r·P* (B, r, r) float32; rows index A's positions, columns A''s."""
+    _check_pair(a, a_partner)
+    feats = a.detach().flatten(2).transpose(1, 2)  # (B, r, c): row i is a_i
+    partner = a_partner.detach().flatten(2).transpose(1, 2)
+    plan = sinkhorn(squared_cost(feats, partner), eps=eps, max_iter=max_iter, mode=mode).plan
+    assignment = plan * plan.shape[1]
+    # The authors' plans are full of subnormal entries (exp of −100 and below); they add
+    # nothing to the mix but make CPU matmuls several times slower, so they become 0.
+    return assignment.masked_fill_(assignment < torch.finfo(torch.float32).tiny, 0.0)
+
+
+def _aligned(a: Tensor, a_partner: Tensor, assignment: Tensor, direction: int) -> Tensor:
+    """Ã = A'Rᵀ (direction 0) or Ã' = AR (direction 1), back in (B, c, h, w), input dtype."""
+    source = a_partner if direction == 0 else a
+    weights = assignment.transpose(1, 2) if direction == 0 else assignment
+    if not torch.is_autocast_enabled(source.device.type):
+        weights = weights.to(source.dtype)  # under autocast, the matmul picks the dtype
+    return torch.matmul(source.flatten(2), weights).view_as(source).to(source.dtype)
+
+
+def align_features(
+    a: Tensor,
+    a_partner: Tensor,
+    direction: int,
+    mode: Mode = "authors",
+    eps: float = 0.1,
+    max_iter: int | None = None,
+) -> Tensor:
+    """Ã = A'Rᵀ (direction 0, A' in A's geometry) or Ã' = AR (direction 1), (B, c, h, w).
+
+    For pictures of the interpolation path: mix the result with A (direction 0) or A'
+    (direction 1) at any λ without solving the transport problem again.
+    """
+    _check_direction(direction)
+    return _aligned(a, a_partner, align(a, a_partner, mode, eps, max_iter), direction)
+
+
+def align_mix(
+    a: Tensor,
+    a_partner: Tensor,
+    lam: float,
+    direction: int,
+    mode: Mode = "authors",
+    eps: float = 0.1,
+    max_iter: int | None = None,
+) -> Tensor:
+    """AlignMixup: λA + (1−λ)A'Rᵀ (direction 0, eq. 11) or λAR + (1−λ)A' (direction 1, eq. 12).
+
+    `a`, `a_partner` are (B, c, h, w) features (A' = A[perm] in training); the output has
+    their shape and dtype. `mode`, `eps`, `max_iter` go to `sinkhorn` (None: its default).
+    """
+    _check_pair(a, a_partner)
+    _check_direction(direction)
+    if not isinstance(lam, Real) or not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be a number in [0, 1], got {lam!r}")
+    lam = float(lam)
+    aligned = _aligned(a, a_partner, align(a, a_partner, mode, eps, max_iter), direction)
+    # Mixed in place into the fresh aligned tensor: one (B, c, h, w) buffer, not three.
+    if direction == 0:
+        return aligned.mul_(1.0 - lam).add_(a, alpha=lam)
+    return aligned.mul_(lam).add_(a_partner, alpha=1.0 - lam)

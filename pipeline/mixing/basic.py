@@ -1,0 +1,113 @@
+"""Plain mixing: λ and partner sampling, input mixup, CutMix and the mixed loss (SPEC.md §1–2)."""
+
+from __future__ import annotations
+
+from numbers import Real
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.data.mixup import cutmix_bbox_and_lam
+from torch import Tensor
+
+__all__ = ["MixSample", "cutmix", "input_mixup", "mix", "mixed_cross_entropy", "sample_mix"]
+
+
+class MixSample(NamedTuple):
+    """One batch's mixing draw: λ and the partner permutation π (x' = x[π])."""
+
+    lam: float
+    perm: Tensor  # (B,) int64, a permutation of range(B)
+
+
+def _check_lam(lam: float) -> float:
+    """Return lam as a float, or raise ValueError unless it is a number in [0, 1]."""
+    if not isinstance(lam, Real) or not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be a number in [0, 1], got {lam!r}")
+    return float(lam)
+
+
+def _check_perm(perm: Tensor, batch_size: int) -> None:
+    """Raise ValueError unless perm is a 1-D integer tensor of length batch_size."""
+    if (
+        perm.dim() != 1
+        or perm.shape[0] != batch_size
+        or perm.dtype not in (torch.int64, torch.int32)
+    ):
+        raise ValueError(
+            f"perm must be a 1-D int64 tensor of length {batch_size} (the batch size), got "
+            f"shape {tuple(perm.shape)} dtype {perm.dtype}"
+        )
+
+
+def sample_mix(
+    batch_size: int,
+    alpha: float,
+    device: torch.device | str,
+    generator: torch.Generator | None = None,
+) -> MixSample:
+    """Draw λ ~ Beta(α, α) and a random permutation for one batch, on torch's CPU RNG.
+
+    Without `generator` the draw uses torch's global CPU RNG, whose state Accelerate saves
+    in checkpoints, so a resumed run draws the same sequence. The permutation is moved to
+    `device` (drawing on the CPU keeps λ a Python float without a device sync).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not isinstance(alpha, Real) or not alpha > 0:
+        raise ValueError(f"alpha must be a number > 0, got {alpha!r}")
+    # torch.distributions.Beta takes no generator, so λ comes from NumPy's Beta sampler seeded
+    # by one draw from the torch generator: still governed by `generator` (or the global RNG).
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    perm = torch.randperm(batch_size, generator=generator).to(device)
+    return MixSample(lam=lam, perm=perm)
+
+
+def mix(a: Tensor, b: Tensor, lam: float) -> Tensor:
+    """λa + (1−λ)b for tensors of one shape."""
+    lam = _check_lam(lam)
+    if a.shape != b.shape:
+        raise ValueError(
+            f"mix expects tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    return a * lam + b * (1.0 - lam)
+
+
+def input_mixup(x: Tensor, perm: Tensor, lam: float) -> Tensor:
+    """Input mixup: λx + (1−λ)x[π]."""
+    _check_perm(perm, x.shape[0])
+    return mix(x, x[perm], lam)
+
+
+def cutmix(x: Tensor, perm: Tensor, lam: float) -> tuple[Tensor, float]:
+    """CutMix on (B, C, H, W): a box of area ≈ (1−λ)HW from x[π]; returns (mixed, λ of the box).
+
+    The box comes from timm (`cutmix_bbox_and_lam`, which draws its centre from numpy's global
+    RNG, also saved by Accelerate); the returned λ is corrected to 1 − box area / HW.
+    """
+    lam = _check_lam(lam)
+    if x.dim() != 4:
+        raise ValueError(f"cutmix expects a 4-D (B, C, H, W) batch, got shape {tuple(x.shape)}")
+    _check_perm(perm, x.shape[0])
+    (y0, y1, x0, x1), lam_box = cutmix_bbox_and_lam(x.shape, lam, correct_lam=True)
+    mixed = x.clone()
+    mixed[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
+    return mixed, float(lam_box)
+
+
+def mixed_cross_entropy(
+    logits: Tensor, y: Tensor, perm: Tensor, lam: float, label_smoothing: float = 0.0
+) -> Tensor:
+    """λ·CE(logits, y) + (1−λ)·CE(logits, y[π]), each a batch mean."""
+    lam = _check_lam(lam)
+    _check_perm(perm, y.shape[0])
+    if logits.dim() != 2 or logits.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"mixed_cross_entropy expects logits (B, classes) and labels (B,), got "
+            f"{tuple(logits.shape)} and {tuple(y.shape)}"
+        )
+    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    loss_partner = F.cross_entropy(logits, y[perm], label_smoothing=label_smoothing)
+    return loss * lam + loss_partner * (1.0 - lam)

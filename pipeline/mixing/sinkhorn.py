@@ -1,0 +1,192 @@
+"""Squared-distance costs and a batched log-domain Sinkhorn solver (SPEC.md §3).
+
+Written by hand: POT and geomloss solve the same problem, but neither reproduces the
+AlignMixup authors' stopping rule bit for bit, batches the small r×r problems of a whole
+training batch on the GPU without a host sync per iteration, and stays out of autograd.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["MODES", "SinkhornResult", "sinkhorn", "squared_cost"]
+
+MODES = ("authors", "converged")
+# The authors' early exit: mean over the batch of the L1 change of the row potential.
+_AUTHORS_THRESHOLD = 0.1
+# Their marginals carry a 1e-8 inside the log; kept so their potentials are reproduced.
+_AUTHORS_LOG_OFFSET = 1e-8
+# exp() floor inside logsumexp: float32 exp(-87) is still a normal number (see _logsumexp_).
+_EXP_FLOOR = -87.0
+# Default iteration caps when `max_iter` is None.
+_DEFAULT_MAX_ITER = {"authors": 100, "converged": 1000}
+
+
+class SinkhornResult(NamedTuple):
+    """A transport plan and how it was reached."""
+
+    plan: Tensor  # (B, r, s) float32, marginals 1/r (rows) and 1/s (columns)
+    iterations: int  # Sinkhorn iterations whose potentials made `plan`
+    marginal_error: Tensor  # 0-dim float32: max over the batch of |r·row sum − 1|, |s·col sum − 1|
+
+
+def squared_cost(a: Tensor, b: Tensor) -> Tensor:
+    """Batched ‖a_i − b_j‖² in float32 from matrix products, never a (B, r, s, c) tensor."""
+    if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
+        raise ValueError(
+            f"squared_cost expects a (B, r, c) and b (B, s, c) with equal B and c, "
+            f"got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        a, b = a.float(), b.float()
+        # vector_norm reduces without a (B, r, c) temporary, unlike a.square().sum(-1).
+        norms_a = torch.linalg.vector_norm(a, dim=-1).square()
+        norms_b = torch.linalg.vector_norm(b, dim=-1).square()
+        norms = norms_a[:, :, None] + norms_b[:, None, :]
+        # ‖a‖² + ‖b‖² − 2 a·bᵀ can dip below 0 by rounding; a distance cannot.
+        return torch.baddbmm(norms, a, b.transpose(1, 2), alpha=-2.0).clamp_min(0.0)
+
+
+def sinkhorn(
+    cost: Tensor,
+    eps: float = 0.1,
+    max_iter: int | None = None,
+    mode: Literal["authors", "converged"] = "authors",
+    tol: float = 1e-3,
+    check_every: int = 10,
+) -> SinkhornResult:
+    """Entropic OT plan with uniform marginals for a batch of (r, s) costs, in float32.
+
+    `mode="authors"` reproduces the AlignMixup authors' solver: raw costs, absolute `eps`,
+    potentials from 0, exit after the first iteration where the batch mean of Σ|u − u_prev|
+    is below 0.1 (fixed; `tol` is not used), at most `max_iter` iterations. Their loop reads
+    the error on the host every iteration; here the iterations run in chunks of
+    `check_every` with the errors and potentials kept on the device, one host sync per
+    chunk, and the potentials of the chunk's first iteration that met the rule are kept,
+    so the result is that of the per-iteration loop.
+
+    `mode="converged"` solves the problem to a stated accuracy instead: each sample's cost
+    is divided by its mean, so `eps` is relative to the typical cost and the plan does not
+    depend on the feature magnitude (train-mode ResNet-50 costs ≈ 1,500, eval-mode ≈ 3.4).
+    It alternates row and column updates of the log-domain potentials and, every
+    `check_every` iterations (one host sync), stops once every sample satisfies
+    max(|r·row sum − 1|, |s·column sum − 1|) < `tol`. If `max_iter` runs out first, a
+    RuntimeWarning says so and the last plan is returned.
+
+    `max_iter=None` means 100 for "authors" and 1000 for "converged".
+    """
+    if mode not in MODES:
+        raise ValueError(f"sinkhorn mode must be one of {MODES}, got {mode!r}")
+    if cost.dim() != 3 or cost.shape[1] < 1 or cost.shape[2] < 1:
+        raise ValueError(f"sinkhorn expects a (B, r, s) cost, got shape {tuple(cost.shape)}")
+    if not eps > 0:
+        raise ValueError(f"sinkhorn eps must be > 0, got {eps}")
+    if max_iter is None:
+        max_iter = _DEFAULT_MAX_ITER[mode]
+    if max_iter < 1 or check_every < 1:
+        raise ValueError(
+            f"sinkhorn max_iter and check_every must be >= 1, got {max_iter} and {check_every}"
+        )
+    if not tol > 0:
+        raise ValueError(f"sinkhorn tol must be > 0, got {tol}")
+    with torch.no_grad(), torch.autocast(device_type=cost.device.type, enabled=False):
+        cost = cost.detach().float()
+        if mode == "authors":
+            plan, iterations = _authors(cost, eps, max_iter, check_every)
+        else:
+            plan, iterations = _converged(cost, eps, max_iter, tol, check_every)
+        return SinkhornResult(plan, iterations, _marginal_error(plan))
+
+
+def _marginal_error(plan: Tensor) -> Tensor:
+    """Largest deviation of r·(row sums) and s·(column sums) from 1 over the batch."""
+    rows = (plan.sum(-1) * plan.shape[1] - 1).abs().amax()
+    cols = (plan.sum(-2) * plan.shape[2] - 1).abs().amax()
+    return torch.maximum(rows, cols)
+
+
+def _logsumexp_(x: Tensor, dim: int) -> Tensor:
+    """torch.logsumexp(x, dim), overwriting x, with shifted terms clamped at _EXP_FLOOR.
+
+    On CPU, torch's vectorised exp takes a path tens of times slower for inputs below about
+    −87 (where float32 exp underflows); the authors' raw costs put most terms there. A term
+    of exp(−87) ≈ 1.6e-38 next to the maximum's exp(0) = 1 does not change a float32 sum,
+    so the result is torch.logsumexp's, bit for bit (tested). Working in place saves an
+    allocation per step, which halves the CPU time of a Sinkhorn iteration.
+    """
+    peak = x.amax(dim, keepdim=True)
+    total = x.sub_(peak).clamp_min_(_EXP_FLOOR).exp_().sum(dim)
+    return total.log_().add_(peak.squeeze(dim))
+
+
+def _authors(cost: Tensor, eps: float, max_iter: int, check_every: int) -> tuple[Tensor, int]:
+    """The authors' iteration and exit rule, with one host sync per chunk of iterations."""
+    batch, r, s = cost.shape
+    ones_r = torch.full((batch, r), 1.0 / r, device=cost.device)
+    ones_s = torch.full((batch, s), 1.0 / s, device=cost.device)
+    log_mu = torch.log(ones_r + _AUTHORS_LOG_OFFSET)
+    log_nu = torch.log(ones_s + _AUTHORS_LOG_OFFSET)
+    u, v = torch.zeros_like(log_mu), torch.zeros_like(log_nu)
+    neg_cost = -cost
+    work = torch.empty_like(cost)
+
+    def lse(u: Tensor, v: Tensor, dim: int) -> Tensor:
+        # logsumexp over `dim` of (−C + u_i + v_j) / eps, in the authors' order of operations
+        torch.add(neg_cost, u[:, :, None], out=work).add_(v[:, None, :]).div_(eps)
+        return _logsumexp_(work, dim)
+
+    done = 0
+    while done < max_iter:
+        steps = min(check_every, max_iter - done)
+        errs = torch.empty(steps, device=cost.device)
+        history: list[tuple[Tensor, Tensor]] = []
+        for k in range(steps):
+            u_prev = u
+            u = eps * (log_mu - lse(u, v, -1)) + u
+            v = eps * (log_nu - lse(u, v, -2)) + v
+            errs[k] = (u - u_prev).abs().sum(-1).mean()
+            history.append((u, v))
+        met = (errs < _AUTHORS_THRESHOLD).tolist()  # the chunk's one host sync
+        if True in met:
+            first = met.index(True)
+            u, v = history[first]
+            done += first + 1
+            break
+        done += steps
+    return torch.exp((neg_cost + u[:, :, None] + v[:, None, :]) / eps), done
+
+
+def _converged(
+    cost: Tensor, eps: float, max_iter: int, tol: float, check_every: int
+) -> tuple[Tensor, int]:
+    """Sinkhorn on the mean-normalised cost until both marginals are within `tol`."""
+    _, r, s = cost.shape
+    scale = cost.mean(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    log_k = cost / (scale * -eps)  # log of the Gibbs kernel
+    f = torch.zeros(cost.shape[:2], device=cost.device)  # row potential / eps
+    g = torch.zeros(cost.shape[0], s, device=cost.device)  # column potential / eps
+    log_r, log_s = -math.log(r), -math.log(s)
+    work = torch.empty_like(cost)
+    done = 0
+    err = math.inf
+    while done < max_iter:
+        for _ in range(min(check_every, max_iter - done)):
+            f = log_r - _logsumexp_(torch.add(log_k, g[:, None, :], out=work), -1)
+            g = log_s - _logsumexp_(torch.add(log_k, f[:, :, None], out=work), -2)
+        done = min(done + check_every, max_iter)
+        plan = torch.exp(log_k + f[:, :, None] + g[:, None, :])
+        err = _marginal_error(plan).item()  # the check's one host sync
+        if err < tol:
+            return plan, done
+    warnings.warn(
+        f"sinkhorn(mode='converged') stopped at max_iter={max_iter} with marginal error "
+        f"{err:.2e} >= tol={tol:.0e}; raise max_iter or eps",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return plan, done
