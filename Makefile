@@ -39,4 +39,4 @@ docker:
 	docker build -f docker/Dockerfile -t alignmixup-pipeline:latest .
 
 clean:
-	rm -rf runs demo_data profile_results compare_results mlflow.db mlruns .pytest_cache
+	rm -rf runs demo_data profile_results compare_results mlflow.db mlruns mlartifacts .pytest_cache

@@ -46,31 +46,43 @@ def _limit(index: SplitIndex, sizes: list, limit: int | None) -> tuple[SplitInde
 
 
 def build_loaders(
-    data_cfg: DataConfig, rank: int, world_size: int, device: torch.device | str, seed: int
+    data_cfg: DataConfig,
+    rank: int,
+    world_size: int,
+    device: torch.device | str,
+    seed: int,
+    class_names: list[str] | None = None,
 ) -> Loaders:
-    """Scan and check the dataset, then build this rank's train and val loaders."""
+    """Scan and check the dataset, then build this rank's train and val loaders.
+
+    With `class_names` (a trained model's classes) only the val split is scanned and checked
+    and `Loaders.train` is None: evaluation need not read the whole training set.
+    """
     import torch
 
     from pipeline.data.check import load_checked_split
 
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
-    train = load_checked_split(data_cfg, "train")
-    val = load_checked_split(data_cfg, "val", train.index.class_names)
+    train = load_checked_split(data_cfg, "train") if class_names is None else None
+    names = list(class_names if class_names is not None else train.index.class_names)
+    val = load_checked_split(data_cfg, "val", names)
     val.index, val.sizes = _limit(val.index, val.sizes, data_cfg.max_val_samples)
-    names = train.index.class_names
     if data_cfg.backend == "dali":
         from pipeline.data.dali_loader import DaliLoader as Loader
     else:
         from pipeline.data.torchvision_loader import TorchvisionLoader as Loader
     common = {"rank": rank, "world_size": world_size, "seed": seed, "device": torch.device(device)}
     val_batch = data_cfg.val_batch_size or data_cfg.batch_size
+    problems = (train.problems if train else []) + val.problems
     return Loaders(
-        train=Loader(train, data_cfg, train=True, batch_size=data_cfg.batch_size, **common),
+        train=Loader(train, data_cfg, train=True, batch_size=data_cfg.batch_size, **common)
+        if train
+        else None,
         val=Loader(val, data_cfg, train=False, batch_size=val_batch, **common),
         num_classes=len(names),
-        class_names=list(names),
-        skipped=[f"{path}: {what}" for path, what in train.problems + val.problems],
-        train_index=train.index,
+        class_names=names,
+        skipped=[f"{path}: {what}" for path, what in problems],
+        train_index=train.index if train else None,
         val_index=val.index,
     )

@@ -50,14 +50,15 @@ def log_results(
     """
     import mlflow
 
-    from pipeline.training.tracking import resolve_tracking_uri
+    from pipeline.training.tracking import experiment_id, resolve_tracking_uri
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(recipe.tracking.tracking_uri))
+    uri = resolve_tracking_uri(recipe.tracking.tracking_uri)
+    mlflow.set_tracking_uri(uri)
     found = _existing_run(run_id)
     if found is not None:
         run = mlflow.start_run(run_id=found)
     else:
-        mlflow.set_experiment(recipe.tracking.experiment)
+        mlflow.set_experiment(experiment_id=experiment_id(recipe.tracking.experiment, uri))
         tags = {"pipeline.checkpoint": str(checkpoint), "pipeline.kind": "evaluation"}
         if run_id:
             tags["pipeline.source_run_id"] = run_id

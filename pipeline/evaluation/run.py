@@ -172,7 +172,9 @@ def evaluate_checkpoint(
     if data_root is not None:
         recipe.data.root = str(data_root)
     device = _device(recipe)
-    loaders = build_loaders(recipe.data, 0, 1, device, recipe.train.seed)
+    loaders = build_loaders(
+        recipe.data, 0, 1, device, recipe.train.seed, class_names=extra["class_names"]
+    )
     batch = recipe.data.val_batch_size or recipe.data.batch_size
     ood_batches = {
         name: _on_device(

@@ -16,6 +16,29 @@ def resolve_tracking_uri(recipe_uri: str | None = None) -> str:
     return recipe_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def artifact_root(uri: str) -> str | None:
+    """Where a SQLite store's artifacts go: `mlartifacts/` beside the database file.
+
+    MLflow would otherwise put them in `./mlruns` under whatever folder the process started
+    in, scattering a run's files when a requeued Slurm job starts elsewhere.
+    """
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    return (Path(uri[len(prefix) :]).resolve().parent / "mlartifacts").as_uri()
+
+
+def experiment_id(name: str, uri: str) -> str:
+    """The id of experiment `name` in the store at `uri`, created (with its artifact root) if new."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root(uri))
+
+
 class Tracker:
     """Thin wrapper over MLflow that is a no-op on non-main ranks."""
 
@@ -30,8 +53,9 @@ class Tracker:
             return run_id
         import mlflow
 
-        mlflow.set_tracking_uri(resolve_tracking_uri(self.recipe.tracking.tracking_uri))
-        mlflow.set_experiment(self.recipe.tracking.experiment)
+        uri = resolve_tracking_uri(self.recipe.tracking.tracking_uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment_id=experiment_id(self.recipe.tracking.experiment, uri))
         system = self.recipe.tracking.system_metrics
         if run_id is not None:
             run = mlflow.start_run(run_id=run_id, log_system_metrics=system)

@@ -1,0 +1,1 @@
+"""User tools around training: `profile` (cost), `compare` (runs side by side), `visualize`."""

@@ -1,0 +1,98 @@
+"""`python -m pipeline compare`: the runs of one MLflow experiment side by side.
+
+Writes `comparison.md`, `comparison.csv`, `val_curves.png` and `error_vs_time.png` to the output
+folder and logs them as artifacts of one run named `compare` in the same experiment (tagged
+`pipeline.kind=compare`, reused on every re-run, never a table row), so the comparison sits
+beside the runs it compares in the MLflow UI.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
+
+VAL_METRIC = "val/top1_err"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `compare` command."""
+    p = subparsers.add_parser(
+        "compare",
+        help="compare the MLflow runs of an experiment (table, curves, error vs time)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--experiment", default="alignmixup", help="MLflow experiment (default: %(default)s)"
+    )
+    p.add_argument(
+        "--output-dir", default="compare_results", type=Path, help="default: %(default)s"
+    )
+    p.add_argument(
+        "--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db"
+    )
+    p.add_argument("--no-mlflow", action="store_true", help="write files only, log no compare run")
+    p.set_defaults(func=run_command)
+
+
+def _compare_run_id(client: MlflowClient, experiment_id: str, runs: list[Run]) -> str:
+    """The experiment's compare run, created on first use so re-runs add no new rows."""
+    from pipeline.tools.runs_table import COMPARE_TAG, COMPARE_VALUE, is_compare_run
+
+    existing = [r for r in runs if is_compare_run(r)]
+    if existing:
+        return existing[-1].info.run_id
+    run = client.create_run(experiment_id, run_name="compare", tags={COMPARE_TAG: COMPARE_VALUE})
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def compare(
+    experiment: str, output_dir: Path, tracking_uri: str | None = None, log: bool = True
+) -> dict[str, Path]:
+    """Build the table and plots for `experiment`; returns the written files by kind."""
+    from pipeline.tools import compare_plots, runs_table, store
+    from pipeline.training.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    client, exp = store.open_experiment(experiment, uri)
+    runs = store.all_runs(client, exp.experiment_id)
+    rows = runs_table.build_rows(runs)
+    if not rows:
+        raise PipelineError(f"MLflow experiment {experiment!r} in {uri} has no runs to compare")
+    columns = runs_table.columns_for(rows)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    files = {"markdown": output_dir / "comparison.md", "csv": output_dir / "comparison.csv"}
+    files["markdown"].write_text(runs_table.to_markdown(rows, columns))
+    files["csv"].write_text(runs_table.to_csv(rows, columns))
+    curves = {
+        r["run"]: [(m.step, m.value) for m in client.get_metric_history(r["run_id"], VAL_METRIC)]
+        for r in rows
+    }
+    plots = {
+        "val_curves": compare_plots.plot_val_curves(curves, output_dir / "val_curves.png"),
+        "error_vs_time": compare_plots.plot_error_vs_time(rows, output_dir / "error_vs_time.png"),
+    }
+    files.update({k: v for k, v in plots.items() if v is not None})
+
+    if log:
+        run_id = _compare_run_id(client, exp.experiment_id, runs)
+        for path in files.values():
+            client.log_artifact(run_id, str(path), artifact_path="compare")
+    return files
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """CLI entry: write the comparison and print the Markdown table."""
+    files = compare(args.experiment, args.output_dir, args.tracking_uri, log=not args.no_mlflow)
+    print(files["markdown"].read_text(), end="")
+    print("\nwrote " + ", ".join(str(p) for p in files.values()))
+    return 0

@@ -1,0 +1,56 @@
+"""The MLflow store the tools read: whether it exists, its experiments and their runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from mlflow.entities import Experiment, Run
+    from mlflow.tracking import MlflowClient
+
+
+def store_exists(uri: str) -> bool:
+    """False for a SQLite or file store that is not on disk (opening it would create it)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).is_file()
+    if uri.startswith("file:"):
+        return Path(uri.removeprefix("file://").removeprefix("file:")).is_dir()
+    if "://" not in uri:
+        return Path(uri).is_dir()
+    return True
+
+
+def open_client(uri: str) -> MlflowClient:
+    """An MLflow client bound to `uri` (no global tracking state is changed)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def open_experiment(name: str, uri: str) -> tuple[MlflowClient, Experiment]:
+    """A client and the experiment called `name`, or a PipelineError naming both.
+
+    A store that is not on disk counts as missing, so a typo in the URI creates no empty store.
+    """
+    client = open_client(uri) if store_exists(uri) else None
+    experiment = client.get_experiment_by_name(name) if client is not None else None
+    if client is None or experiment is None:
+        raise PipelineError(f"MLflow experiment {name!r} not found in tracking store {uri}")
+    return client, experiment
+
+
+def all_runs(client: MlflowClient, experiment_id: str) -> list[Run]:
+    """Every active run of an experiment, oldest first, across result pages."""
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id], order_by=["attributes.start_time ASC"], page_token=token
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs

@@ -1,0 +1,157 @@
+"""`compare` on a real SQLite MLflow store holding runs logged here with the trainer's names."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.errors import PipelineError
+from pipeline.tools import compare as compare_cmd
+
+EXPERIMENT = "cmp-test"
+
+# name -> (params, final metrics, val/top1_err history); values chosen to survive no rounding.
+RUNS = {
+    "ae-run": (
+        {"method.name": "alignmixup_ae", "model.name": "resnet18", "num_params": "15123456"},
+        {
+            "final/top1_err": 31.25,
+            "final/best_top1_err": 30.5,
+            "final/top5_err": 11.125,
+            "perf/msec_per_batch": 688.0,
+            "eval/ece": 0.0375,
+            "eval/fgsm_err": 71.5,
+            "eval/pgd_err": 88.25,
+            "eval/ood/svhn/auroc": 0.875,
+            "eval/ood/svhn/det_acc": 0.8125,
+        },
+        [52.0, 40.0, 31.25],
+    ),
+    "base-run": (
+        {"method.name": "baseline", "model.name": "resnet18", "num_params": "11227812"},
+        {"final/top1_err": 35.75, "final/best_top1_err": 35.0, "perf/msec_per_batch": 418.0},
+        [60.0, 45.5, 35.75],
+    ),
+    "align-run": (
+        {"method.name": "alignmixup", "model.name": "resnet18", "num_params": "11227812"},
+        {"final/top1_err": 33.5, "final/best_top1_err": 33.0, "perf/msec_per_batch": 450.0},
+        [58.0, 41.0],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A SQLite store with the three runs above; returns (uri, tmp folder)."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment(EXPERIMENT, artifact_location=str(root / "artifacts"))
+    for name, (params, metrics, history) in RUNS.items():
+        run_id = client.create_run(exp_id, run_name=name).info.run_id
+        for key, value in params.items():
+            client.log_param(run_id, key, value)
+        for epoch, value in enumerate(history):
+            client.log_metric(run_id, "val/top1_err", value, step=epoch)
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, value)
+        client.set_terminated(run_id)
+    return uri, root
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_table_numbers_equal_logged_metrics(store, tmp_path):
+    uri, _ = store
+    files = compare_cmd.compare(EXPERIMENT, tmp_path / "out", uri)
+    rows = _read_csv(files["csv"])
+    # paper order: baseline before alignmixup before alignmixup_ae
+    assert [r["run"] for r in rows] == ["base-run", "align-run", "ae-run"]
+    headers = {
+        "final/top1_err": "top-1 err",
+        "final/best_top1_err": "best top-1 err",
+        "final/top5_err": "top-5 err",
+        "perf/msec_per_batch": "msec/batch",
+        "eval/ece": "ECE",
+        "eval/fgsm_err": "FGSM err",
+        "eval/pgd_err": "PGD err",
+        "eval/ood/svhn/auroc": "OOD svhn AuROC",
+        "eval/ood/svhn/det_acc": "OOD svhn det acc",
+    }
+    for row in rows:
+        params, metrics, _ = RUNS[row["run"]]
+        assert row["method"] == params["method.name"]
+        assert int(row["params"]) == int(params["num_params"])
+        for key, header in headers.items():
+            if key in metrics:
+                assert float(row[header]) == metrics[key], (row["run"], key)
+            else:
+                assert row[header] == "", (row["run"], key)
+    # OOD columns only for metrics some run logged
+    assert "OOD svhn AuPR-in" not in rows[0]
+
+    markdown = files["markdown"].read_text().splitlines()
+    assert markdown[0].startswith("| run | method | model | params | msec/batch | top-1 err |")
+    ae_line = next(line for line in markdown if line.startswith("| ae-run "))
+    cells = [c.strip() for c in ae_line.strip("|").split("|")]
+    assert cells[:8] == [
+        "ae-run",
+        "alignmixup_ae",
+        "resnet18",
+        "15.12M",
+        "688",
+        "31.25",
+        "30.5",
+        "11.12",
+    ]
+    base_line = next(line for line in markdown if line.startswith("| base-run "))
+    assert "| – |" in base_line  # metrics the baseline did not log
+
+
+def test_plots_and_compare_run_are_reused(store, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri, _ = store
+    for _ in range(2):
+        files = compare_cmd.compare(EXPERIMENT, tmp_path / "out", uri)
+    for kind in ("val_curves", "error_vs_time"):
+        assert files[kind].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id])
+    compare_runs = [r for r in runs if r.data.tags.get("mlflow.runName") == "compare"]
+    assert len(compare_runs) == 1 and len(runs) == len(RUNS) + 1
+    logged = {a.path for a in client.list_artifacts(compare_runs[0].info.run_id, "compare")}
+    assert logged == {f"compare/{p.name}" for p in files.values()}
+    # the compare run is not a row of its own table
+    assert len(_read_csv(files["csv"])) == len(RUNS)
+
+
+def test_missing_experiment_is_named(store, tmp_path):
+    uri, _ = store
+    with pytest.raises(PipelineError, match="'no-such-exp'"):
+        compare_cmd.compare("no-such-exp", tmp_path / "out", uri)
+
+
+def test_missing_store_is_not_created(tmp_path):
+    db = tmp_path / "absent.db"
+    with pytest.raises(PipelineError, match=r"'alignmixup'.*absent\.db"):
+        compare_cmd.compare("alignmixup", tmp_path / "out", f"sqlite:///{db}")
+    assert not db.exists()
+
+
+def test_cli_prints_markdown_or_names_the_missing_experiment(store, tmp_path, capsys):
+    uri, _ = store
+    argv = ["compare", "--tracking-uri", uri, "--output-dir", str(tmp_path), "--no-mlflow"]
+    assert main([*argv, "--experiment", EXPERIMENT]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| run | method |") and "| align-run | alignmixup |" in out
+    assert main([*argv, "--experiment", "typo"]) == 2
+    assert "experiment 'typo' not found" in capsys.readouterr().err

@@ -1,0 +1,119 @@
+"""`profile` on a tiny CPU setting: JSON records, parameter counts, the MLflow run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import timm
+
+from pipeline.cli import main
+from pipeline.config import METHODS
+from pipeline.errors import PipelineError
+from pipeline.tools import profile as profile_cmd
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    profile_cmd.register(parser.add_subparsers())
+    return parser.parse_args(["profile", *argv])
+
+
+# timm's test_resnet and a narrow decoder keep seven models at a few ms per step.
+TINY = ["--model", "test_resnet", "--size", "32", "--batch", "4", "--steps", "2", "--warmup", "1"]
+# One thread: on a loaded 2-core machine two OpenMP threads can make each step 10× slower.
+TINY += ["--device", "cpu", "--num-classes", "10", "--threads", "1"]
+TINY += ["--set", "model.ae.decoder_width=16", "--set", "model.ae.decoder_min_width=8"]
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory):
+    """All seven methods profiled once, with JSON output and an MLflow run in a SQLite store."""
+    root = tmp_path_factory.mktemp("profile")
+    uri = f"sqlite:///{root}/mlflow.db"
+    out = root / "profile.json"
+    # MLflow puts a new experiment's artifacts in ./mlruns: keep them in the tmp folder.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        assert main(["profile", *TINY, "--output", str(out), "--tracking-uri", uri]) == 0
+    return json.loads(out.read_text()), uri
+
+
+def test_one_record_per_method_with_positive_times(profiled):
+    records, _ = profiled
+    assert [r["method"] for r in records] == list(METHODS)
+    assert records[0]["settings"]["threads"] == 1
+    for r in records:
+        assert r["msec_per_batch"] > 0 and r["images_per_s"] > 0, r["method"]
+        assert len(r["msec_steps"]) == 2 and min(r["msec_steps"]) > 0
+        assert r["msec_per_batch"] == pytest.approx(sum(r["msec_steps"]) / 2)  # median of two
+        assert r["msec_iqr"] >= 0
+        assert r["images_per_s"] == pytest.approx(4 / r["msec_per_batch"] * 1e3)
+        assert r["device"] == "cpu"
+        assert r["settings"]["size"] == 32 and r["settings"]["batch"] == 4
+    by = {r["method"]: r for r in records}
+    assert by["baseline"]["ratio_to_baseline"] == 1.0
+    for r in records:
+        expected = r["msec_per_batch"] / by["baseline"]["msec_per_batch"]
+        assert r["ratio_to_baseline"] == pytest.approx(expected)
+    # the baseline's own hook does no mixing, so it has no sections to time
+    assert by["baseline"]["hook_msec"] == 0.0
+    assert by["input_mixup"]["hook_section_calls"] == {"mix": 2}
+    for method in ("alignmixup", "alignmixup_ae", "alignmixup_or_cutmix"):
+        assert by[method]["sinkhorn_msec_per_call"] > 0
+        assert by[method]["align_mix_msec_per_call"] > 0
+        assert 1 <= by[method]["sinkhorn_iterations"] <= 100  # method.sinkhorn_max_iter
+    assert "sinkhorn_msec_per_call" not in by["cutmix"]
+
+
+def test_parameter_counts(profiled):
+    records, _ = profiled
+    by = {r["method"]: r for r in records}
+    reference = sum(
+        p.numel() for p in timm.create_model("test_resnet", num_classes=10).parameters()
+    )
+    for method in METHODS:
+        if method != "alignmixup_ae":
+            assert by[method]["params"] == reference, method
+    assert by["alignmixup_ae"]["params"] > reference  # f and the decoder
+
+
+def test_mlflow_run_holds_the_table(profiled):
+    from mlflow.tracking import MlflowClient
+
+    records, uri = profiled
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("profile")
+    (run,) = client.search_runs([exp.experiment_id])
+    for r in records:
+        assert run.data.metrics[f"{r['method']}/msec_per_batch"] == r["msec_per_batch"]
+        assert run.data.metrics[f"{r['method']}/params"] == r["params"]
+    assert run.data.params["model"] == "test_resnet"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
+        "profile.md",
+        "profile.json",
+    }
+
+
+def test_subset_without_baseline_has_no_ratio(tmp_path):
+    out = tmp_path / "p.json"
+    args = _args(*TINY, "--steps", "1", "--methods", "cutmix", "--output", str(out), "--no-mlflow")
+    assert args.func(args) == 0
+    (record,) = json.loads(out.read_text())
+    assert record["method"] == "cutmix" and record["ratio_to_baseline"] is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--methods", "baseline,mixupp"], "mixupp"),
+        (["--steps", "0"], "--steps"),
+        (["--device", "tpu"], "tpu"),
+        (["--set", "method.sinkhorn=fast"], "method.sinkhorn"),
+    ],
+)
+def test_bad_options_are_named(argv, match):
+    args = _args(*TINY, *argv, "--no-mlflow")
+    with pytest.raises(PipelineError, match=match):
+        args.func(args)

@@ -1,0 +1,160 @@
+"""`visualize` on a small AE checkpoint in the trainer's `model_final.pt` format, real JPEGs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.config import load_recipe
+from pipeline.errors import CheckpointError, DataError
+from pipeline.hooks import build_model_and_hook
+from pipeline.tools import visualize as visualize_cmd
+from pipeline.tools.interpolation import LAMBDAS, decoded_interpolations
+from pipeline.training.checkpoint import TrainerState, load_model, save_final_model
+
+SIZE = 128  # resnet18 at 128 px: A is 512 × 4 × 4, so the plan has 16 positions to move
+
+TINY_AE = [
+    "method.name=alignmixup_ae",
+    "model.name=resnet18",
+    "model.ae.embed_channels=16",
+    "model.ae.decoder_width=32",
+    "model.ae.decoder_min_width=8",
+    "model.ae.decoder_blocks=1",
+    f"data.val_resize={SIZE}",
+    f"data.val_crop={SIZE}",
+]
+
+
+def _calibrate_batchnorm(model: torch.nn.Module) -> None:
+    """Set BatchNorm statistics from one random batch, so eval-mode features have a real scale.
+
+    With freshly initialised statistics an untrained decoder's output barely depends on its
+    input, and every decoding would look alike.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.momentum = 1.0
+    model.train()
+    with torch.no_grad():
+        model.decode(model.embed(model.features(torch.randn(8, 3, SIZE, SIZE))))
+    for m in norms:
+        m.momentum = 0.1
+
+
+def _save(folder: Path, overrides: list[str], run_id: str | None, uri: str) -> Path:
+    recipe = load_recipe(None, [*overrides, f"tracking.tracking_uri={uri}"])
+    torch.manual_seed(0)
+    model, _ = build_model_and_hook(recipe, 5)
+    if model.has_decoder:
+        _calibrate_batchnorm(model)
+    folder.mkdir()
+    path = folder / "model_final.pt"
+    save_final_model(path, model, recipe, 5, list("abcde"), TrainerState(mlflow_run_id=run_id))
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a loaded 2-core machine two OpenMP threads slow small convs down."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """An AE checkpoint tied to a run in a SQLite store, and two JPEGs of different sizes."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("vis")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment("vis", artifact_location=str(root / "artifacts"))
+    run_id = client.create_run(exp_id, run_name="ae").info.run_id
+    ckpt = _save(root / "ae", TINY_AE, run_id, uri)
+    rng = np.random.default_rng(0)
+    images = []
+    for name, (w, h) in {"cat.jpg": (180, 150), "dog.jpg": (150, 200)}.items():
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / name, quality=90)
+        images.append(root / name)
+    return {"root": root, "uri": uri, "run_id": run_id, "ckpt": ckpt, "images": images}
+
+
+def test_cli_writes_grid_png_and_logs_it(setup, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "grid.png"
+    images = [str(p) for p in setup["images"]]
+    argv = ["visualize", "--checkpoint", str(setup["ckpt"]), "--images", *images]
+    assert main([*argv, "--output", str(out)]) == 0
+    # 8 columns (row labels, A, five λ, A′) × 200 px; a 100 px header and 3 rows × 200 px.
+    with Image.open(out) as png:
+        assert png.format == "PNG" and png.size == (1600, 700)
+    assert setup["run_id"] in capsys.readouterr().out
+    client = MlflowClient(tracking_uri=setup["uri"])
+    logged = [a.path for a in client.list_artifacts(setup["run_id"], "visualize")]
+    assert logged == ["visualize/grid.png"]
+
+
+@pytest.fixture(scope="module")
+def decodings(setup):
+    """The model, its recipe, both images as the model sees them, and their decoded grid."""
+    model, recipe, _ = load_model(setup["ckpt"])
+    a, b = (visualize_cmd.load_image(p, recipe.data) for p in setup["images"])
+    return model, recipe, a, b, decoded_interpolations(model, a, b, recipe.method)
+
+
+def test_lambda_one_aligned_equals_unaligned(decodings):
+    _, _, a, _, decoded = decodings
+    assert a.shape == (3, SIZE, SIZE)
+    assert decoded.shape == (3, len(LAMBDAS), 3, SIZE, SIZE)
+    one, zero = LAMBDAS.index(1.0), LAMBDAS.index(0.0)
+    # λ = 1 in eq. 11 is A itself, as in unaligned mixing
+    torch.testing.assert_close(decoded[1, one], decoded[0, one], rtol=0, atol=1e-5)
+    # λ = 0 in eq. 12 is A′ itself, as in unaligned mixing
+    torch.testing.assert_close(decoded[2, zero], decoded[0, zero], rtol=0, atol=1e-5)
+    # but the aligned partner A′Rᵀ is not A′: the rows do differ where alignment acts
+    assert (decoded[1, zero] - decoded[0, zero]).abs().max() > 0.1
+
+
+def test_rows_follow_equations_11_and_12(decodings):
+    from pipeline.mixing import align
+
+    model, recipe, a, b, decoded = decodings
+    m = recipe.method
+    with torch.no_grad():
+        feats = model.features(torch.stack([a, b]))
+        fa, fb = feats[0].flatten(1), feats[1].flatten(1)  # (c, r): column i is a_i
+        r = align(feats[:1], feats[1:], m.sinkhorn, m.sinkhorn_eps, m.sinkhorn_max_iter)[0]
+        shape = feats.shape[1:]
+        for col, lam in enumerate(LAMBDAS):
+            expected = {
+                0: lam * fa + (1 - lam) * fb,
+                1: lam * fa + (1 - lam) * fb @ r.T,  # eq. 11: Ã = A′Rᵀ
+                2: lam * (fa @ r) + (1 - lam) * fb,  # eq. 12: Ã′ = AR
+            }
+            for row, mixed in expected.items():
+                image = model.decode(model.embed(mixed.view(1, *shape)))[0]
+                torch.testing.assert_close(decoded[row, col], image, rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoint_without_decoder_is_refused(setup, tmp_path):
+    base = [o.replace("alignmixup_ae", "baseline") for o in TINY_AE]
+    ckpt = _save(tmp_path / "base", base, None, setup["uri"])
+    with pytest.raises(CheckpointError, match="no decoder"):
+        visualize_cmd.visualize(ckpt, *setup["images"], tmp_path / "x.png", log=False)
+
+
+def test_unreadable_image_is_named(setup, tmp_path):
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    with pytest.raises(DataError, match=r"notes\.jpg"):
+        visualize_cmd.visualize(setup["ckpt"], setup["images"][0], bad, tmp_path / "x.png")
