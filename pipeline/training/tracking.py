@@ -29,7 +29,7 @@ def artifact_root(uri: str) -> str | None:
 
 
 def experiment_id(name: str, uri: str) -> str:
-    """The id of experiment `name` in the store at `uri`, created (with its artifact root) if new."""
+    """The id of experiment `name` at `uri`, created with its artifact root if it is new."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
