@@ -68,8 +68,9 @@ def test_head_params_that_match_nothing_are_an_error():
 
 
 def test_timm_optimizer_and_scheduler():
-    cfg = _optim("optim.name=timm", "optim.timm_opt=adamw", "optim.schedule=timm",
-                 "optim.weight_decay=0.05")
+    cfg = _optim(
+        "optim.name=timm", "optim.timm_opt=adamw", "optim.schedule=timm", "optim.weight_decay=0.05"
+    )
     opt = build_optimizer(cfg, _Net(), 1e-3)
     assert type(opt).__name__ == "AdamW"
     set_lr = build_schedule(cfg, opt, 1e-3, epochs=10, steps_per_epoch=5)
