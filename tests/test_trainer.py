@@ -21,6 +21,7 @@ from pipeline.training.checkpoint import list_checkpoints, load_model, read_stat
 from pipeline.training.preempt import EXIT_PREEMPTED, STOP_FILE
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _losses(uri: str, run_id: str) -> dict[int, float]:
@@ -36,8 +37,8 @@ def _runs(uri: str, experiment: str):
     return [] if exp is None else client.search_runs([exp.experiment_id])
 
 
-def _train_cli(overrides: list[str], env: dict, **kwargs) -> subprocess.CompletedProcess:
-    cmd = [
+def _train_cmd(overrides: list[str]) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "pipeline",
@@ -46,14 +47,11 @@ def _train_cli(overrides: list[str], env: dict, **kwargs) -> subprocess.Complete
         "recipes/demo_baseline.yaml",
         *overrides,
     ]
+
+
+def _train_cli(overrides: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
-        cmd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).parent.parent,
-        **kwargs,
+        _train_cmd(overrides), env=env, capture_output=True, text=True, timeout=300, cwd=REPO
     )
 
 
@@ -62,6 +60,7 @@ def test_run_finishes_tracked_and_reloadable(tiny_overrides, mlflow_uri, tmp_pat
         None,
         tiny_overrides(
             "name=finish",
+            "data.backend=dali",  # the real default: DALI's CPU-only pipeline
             "method.name=alignmixup",
             "train.max_steps=6",
             "train.checkpoint_every=2",
@@ -127,19 +126,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(
 
     overrides = tiny_overrides(*common, "name=killed", output="killed")
     out_dir = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("train.output_dir")))
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline",
-        "train",
-        "--recipe",
-        "recipes/demo_baseline.yaml",
-        *overrides,
-    ]
     proc = subprocess.Popen(
-        cmd,
+        _train_cmd(overrides),
         env=subprocess_env,
-        cwd=Path(__file__).parent.parent,
+        cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
