@@ -17,13 +17,22 @@ STOP_FILE = "PREEMPT"
 
 
 class PreemptionWatch:
-    """Records SIGUSR1/SIGTERM and checks for the stop file."""
+    """Records SIGUSR1/SIGTERM while in its `with` block and checks for the stop file."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
     def __init__(self, output_dir: str | Path) -> None:
         self.stop_file = Path(output_dir) / STOP_FILE
         self.signalled = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> PreemptionWatch:
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _on_signal(self, signum: int, frame) -> None:
         self.signalled = True

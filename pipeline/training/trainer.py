@@ -162,7 +162,8 @@ class Trainer:
         if self.loaders.skipped:
             self.tracker.log({"data/skipped_files": float(len(self.loaders.skipped))}, 0)
         try:
-            timing, preempted = self._train_epochs()
+            with self.watch:
+                timing, preempted = self._train_epochs()
         except BaseException:
             self.tracker.end("FAILED")
             raise
