@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.errors import RecipeError
 
-__all__ = ["METHODS", "Recipe", "RecipeError", "dump_recipe", "load_recipe"]
+__all__ = ["METHODS", "Recipe", "RecipeError", "apply_overrides", "dump_recipe", "load_recipe"]
 
 METHODS = (
     "baseline",
@@ -256,7 +256,15 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     over the base's, section by section.
     """
     source = str(path) if path is not None else "<defaults>"
-    tree = _read_tree(Path(path)) if path is not None else {}
+    return _validate(_read_tree(Path(path)) if path is not None else {}, overrides, source)
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...], source: str) -> Recipe:
+    """A copy of `recipe` with `key=value` overrides, validated like a recipe file."""
+    return _validate(recipe.model_dump(mode="json"), overrides, source)
+
+
+def _validate(tree: dict[str, Any], overrides: list[str] | tuple[str, ...], source: str) -> Recipe:
     for text in overrides:
         keys, value = parse_override(text)
         _apply_override(tree, keys, value, text)

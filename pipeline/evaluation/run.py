@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.config import Recipe, dump_recipe, load_recipe
+from pipeline.config import Recipe, apply_overrides
 from pipeline.errors import DataError, PipelineError
 from pipeline.evaluation.attacks import fgsm, pgd, pixel_model, unnormalize
 from pipeline.evaluation.metrics import (
@@ -50,16 +50,6 @@ def parse_suite(text: str) -> tuple[str, ...]:
     if unknown or not parts:
         raise PipelineError(f"--suite {text!r}: unknown part(s) {unknown}; choose from {SUITES}")
     return parts
-
-
-def _apply_overrides(recipe: Recipe, overrides: Sequence[str]) -> Recipe:
-    """The checkpoint's recipe with `key=value` overrides, validated like any recipe."""
-    if not overrides:
-        return recipe
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "checkpoint_recipe.yaml"
-        path.write_text(dump_recipe(recipe))
-        return load_recipe(path, overrides)
 
 
 def _device(recipe: Recipe) -> torch.device:
@@ -168,7 +158,7 @@ def evaluate_checkpoint(
     # Scan the OOD folders first, so an empty one fails before the model is loaded.
     ood_files = {name: find_images(f) for name, f in ood_sets(list(ood_folders)).items()}
     model, recipe, extra = load_model(checkpoint)
-    recipe = _apply_overrides(recipe, overrides)
+    recipe = apply_overrides(recipe, tuple(overrides), f"{checkpoint} recipe")
     if data_root is not None:
         recipe.data.root = str(data_root)
     device = _device(recipe)
@@ -289,7 +279,7 @@ def localize_checkpoint(
     from pipeline.training.checkpoint import load_model
 
     model, recipe, extra = load_model(checkpoint)
-    recipe = _apply_overrides(recipe, overrides)
+    recipe = apply_overrides(recipe, tuple(overrides), f"{checkpoint} recipe")
     dataset = CubBoxDataset(
         data_root, split, recipe.data.val_crop, recipe.data.mean, recipe.data.std
     )
