@@ -152,7 +152,10 @@ class DaliLoader(PlannedLoader):
             prefetch_queue_depth=2,
         )
         def pipe():
-            return graph(plan, start, decoder)
+            images, labels = graph(plan, start, decoder)
+            # Labels come from the CPU feed; moved in the pipeline, they reach torch on the GPU
+            # without a pageable host-to-device copy (which would synchronise every step).
+            return images, (labels.gpu() if gpu else labels)
 
         return pipe()
 

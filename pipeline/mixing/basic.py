@@ -61,7 +61,13 @@ def sample_mix(
     # by one draw from the torch generator: still governed by `generator` (or the global RNG).
     seed = int(torch.randint(2**62, (1,), generator=generator))
     lam = float(np.random.default_rng(seed).beta(alpha, alpha))
-    perm = torch.randperm(batch_size, generator=generator).to(device)
+    perm = torch.randperm(batch_size, generator=generator)
+    if torch.device(device).type == "cuda":
+        # From pinned memory the copy is asynchronous; from pageable memory it would wait for
+        # the GPU to finish queued work, i.e. synchronise every training step.
+        perm = perm.pin_memory().to(device, non_blocking=True)
+    else:
+        perm = perm.to(device)
     return MixSample(lam=lam, perm=perm)
 
 
