@@ -170,8 +170,13 @@ def _accelerate_model_weights(folder: Path) -> dict[str, torch.Tensor]:
         raw = load_file(str(st))
     else:
         raw = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    prefix = "model."
-    return {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}
+    weights = {}
+    for key, value in raw.items():
+        for wrapper in ("_orig_mod.", "module."):  # torch.compile and DDP, if they were kept
+            key = key.removeprefix(wrapper)
+        if key.startswith("model."):
+            weights[key.removeprefix("model.")] = value
+    return weights
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
