@@ -58,9 +58,12 @@ class AEConfig(_Section):
     """AlignMixup/AE: `f` (A → e), decoder `D` (e → x̂); see pipeline/models/autoencoder.py."""
 
     embed_channels: int = Field(1024, ge=8, description="E: channels of e (d = E·h·w)")
-    decoder_width: int = Field(640, ge=8, description="channels of the decoder's first stage")
+    decoder_width: int = Field(656, ge=8, description="channels of the decoder's first stage")
     decoder_min_width: int = Field(64, ge=8)
     decoder_blocks: int = Field(2, ge=1, description="residual blocks per decoder stage")
+    decoder_output_stride: Literal[1, 2, 4, 8] = Field(
+        4, description="convolutions stop at 1/this of the input size; bilinear upsampling ends"
+    )
 
 
 class ModelConfig(_Section):
