@@ -72,6 +72,17 @@ def tiny_overrides(digits_root, mlflow_uri, tmp_path):
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Small tensors: one thread avoids OpenMP spin-waits when the CPU is shared."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def subprocess_env() -> dict[str, str]:
     """Environment for child Python processes: the repo importable, two threads."""
     env = dict(os.environ)

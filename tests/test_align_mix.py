@@ -10,13 +10,7 @@ from pipeline.mixing import align, align_features, align_mix
 MODES = ["authors", "converged"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread avoids OpenMP spin-waits when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def permuted_pair(batch: int = 2, c: int = 64, h: int = 3, w: int = 3):

@@ -13,14 +13,7 @@ from sklearn.datasets import load_sample_images
 
 from pipeline.mixing import SinkhornResult, sinkhorn, squared_cost
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread avoids OpenMP spin-waits when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def authors_loop(cost: torch.Tensor, eps: float = 0.1, max_iter: int = 100):

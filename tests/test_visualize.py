@@ -17,6 +17,8 @@ from pipeline.tools import visualize as visualize_cmd
 from pipeline.tools.interpolation import LAMBDAS, decoded_interpolations
 from pipeline.training.checkpoint import TrainerState, load_model, save_final_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SIZE = 128  # resnet18 at 128 px: A is 512 × 4 × 4, so the plan has 16 positions to move
 
 TINY_AE = [
@@ -57,15 +59,6 @@ def _save(folder: Path, overrides: list[str], run_id: str | None, uri: str) -> P
     path = folder / "model_final.pt"
     save_final_model(path, model, recipe, 5, list("abcde"), TrainerState(mlflow_run_id=run_id))
     return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a loaded 2-core machine two OpenMP threads slow small convs down."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
