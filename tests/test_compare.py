@@ -36,7 +36,13 @@ RUNS = {
     ),
     "align-run": (
         {"method.name": "alignmixup", "model.name": "resnet18", "num_params": "11227812"},
-        {"final/top1_err": 33.5, "final/best_top1_err": 33.0, "perf/msec_per_batch": 450.0},
+        {
+            "final/top1_err": 33.5,
+            "final/best_top1_err": 33.0,
+            "perf/msec_per_batch": 450.0,
+            "wsol/top1_loc": 56.25,
+            "wsol/maxboxacc_v2": 65.5,
+        },
         [58.0, 41.0],
     ),
 }
@@ -84,6 +90,8 @@ def test_table_numbers_equal_logged_metrics(store, tmp_path):
         "eval/pgd_err": "PGD err",
         "eval/ood/svhn/auroc": "OOD svhn AuROC",
         "eval/ood/svhn/det_acc": "OOD svhn det acc",
+        "wsol/top1_loc": "Top-1 Loc",
+        "wsol/maxboxacc_v2": "MaxBoxAcc-v2",
     }
     for row in rows:
         params, metrics, _ = RUNS[row["run"]]
@@ -95,7 +103,7 @@ def test_table_numbers_equal_logged_metrics(store, tmp_path):
             else:
                 assert row[header] == "", (row["run"], key)
     # OOD columns only for metrics some run logged
-    assert "OOD svhn AuPR-in" not in rows[0]
+    assert "OOD svhn AuPR-in" not in rows[0] and "GT-known Loc" not in rows[0]
 
     markdown = files["markdown"].read_text().splitlines()
     assert markdown[0].startswith("| run | method | model | params | msec/batch | top-1 err |")

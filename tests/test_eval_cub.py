@@ -93,6 +93,15 @@ def test_box_outside_the_image_is_named_with_file_and_line(small_cub):
         CubBoxDataset(small_cub, "test", 32, MEAN, STD)
 
 
+def test_non_numeric_metadata_field_is_named_with_file_and_line(small_cub):
+    path = small_cub / "metadata/test/class_labels.txt"
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1].split(",")[0] + ",bird"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"class_labels\.txt:2: expected int values .*bird"):
+        CubBoxDataset(small_cub, "test", 32, MEAN, STD)
+
+
 def test_image_of_another_size_than_the_metadata_is_named(small_cub):
     dataset = CubBoxDataset(small_cub, "test", 32, MEAN, STD)
     Image.new("RGB", (20, 20)).save(dataset.records[0].path)

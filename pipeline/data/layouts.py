@@ -135,7 +135,8 @@ def read_filelist(list_path: str | Path, root: str | Path) -> SplitIndex:
     return index
 
 
-def _read_rows(path: Path, width: int) -> list[list[str]]:
+def _read_rows(path: Path, width: int, number: type = str) -> list[list]:
+    """Comma-separated rows of `width` fields; all but the first converted with `number`."""
     if not path.is_file():
         raise DataError(f"{path}: CUB metadata file not found")
     rows = []
@@ -147,7 +148,13 @@ def _read_rows(path: Path, width: int) -> list[list[str]]:
             raise DataError(
                 f"{path}:{lineno}: expected {width} comma-separated fields, got {line!r}"
             )
-        rows.append(row)
+        try:
+            rows.append([row[0], *(number(v) for v in row[1:])])
+        except ValueError:
+            raise DataError(
+                f"{path}:{lineno}: expected {number.__name__} values after the image id, "
+                f"got {line!r}"
+            ) from None
     return rows
 
 
@@ -158,12 +165,11 @@ def load_cub_metadata(root: str | Path, split: str) -> list[CubRecord]:
     meta = root / "metadata" / split
     _require_dir(meta, f"CUB metadata of split '{split}'")
     ids = [row[0] for row in _read_rows(meta / "image_ids.txt", 1)]
-    labels = {p: int(v) for p, v in _read_rows(meta / "class_labels.txt", 2)}
-    sizes = {p: (int(w), int(h)) for p, w, h in _read_rows(meta / "image_sizes.txt", 3)}
+    labels = {p: v for p, v in _read_rows(meta / "class_labels.txt", 2, int)}
+    sizes = {p: (w, h) for p, w, h in _read_rows(meta / "image_sizes.txt", 3, int)}
     boxes: dict[str, list[tuple[float, float, float, float]]] = {}
-    for p, *xyxy in _read_rows(meta / "localization.txt", 5):
-        x0, y0, x1, y1 = (float(v) for v in xyxy)
-        boxes.setdefault(p, []).append((x0, y0, x1, y1))
+    for p, *xyxy in _read_rows(meta / "localization.txt", 5, float):
+        boxes.setdefault(p, []).append(tuple(xyxy))
     records = []
     for p in ids:
         for table, name in ((labels, "class_labels.txt"), (sizes, "image_sizes.txt")):

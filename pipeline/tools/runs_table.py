@@ -45,6 +45,9 @@ FIXED_COLUMNS = (
     Column("eval/ece", "ECE"),
     Column("eval/fgsm_err", "FGSM err"),
     Column("eval/pgd_err", "PGD err"),
+    Column("wsol/top1_loc", "Top-1 Loc"),
+    Column("wsol/gt_known_loc", "GT-known Loc"),
+    Column("wsol/maxboxacc_v2", "MaxBoxAcc-v2"),
 )
 OOD_METRICS = (
     ("det_acc", "det acc"),
