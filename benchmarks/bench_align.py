@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.mixing import align_mix, sinkhorn, squared_cost  # noqa: E402
+from tests.authors_reference import authors_sinkhorn  # noqa: E402
 
 IMPLEMENTATIONS = ("authors", "pipeline")
 
@@ -47,28 +48,8 @@ def authors_align_mix(
     y = a_partner.view(batch, c, -1).permute(0, 2, 1)
     with torch.no_grad():
         cost = ((x[:, :, None, :] - y[:, None, :, :]) ** 2).sum(-1)  # via (B, r, r, c)
-        r = cost.shape[1]
-        mu = torch.full((batch, r), 1.0 / r, device=a.device)
-        nu = torch.full((batch, r), 1.0 / r, device=a.device)
-        u, v = torch.zeros_like(mu), torch.zeros_like(nu)
-
-        def kernel(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return (-cost + u.unsqueeze(-1) + v.unsqueeze(-2)) / eps
-
-        iterations = 0
-        for _ in range(max_iter):
-            u_prev = u
-            u = eps * (torch.log(mu + 1e-8) - torch.logsumexp(kernel(u, v), dim=-1)) + u
-            v = (
-                eps
-                * (torch.log(nu + 1e-8) - torch.logsumexp(kernel(u, v).transpose(-2, -1), dim=-1))
-                + v
-            )
-            err = (u - u_prev).abs().sum(-1).mean()
-            iterations += 1
-            if err.item() < 0.1:
-                break
-        assignment = torch.exp(kernel(u, v)) * r
+        plan, iterations = authors_sinkhorn(cost, eps, max_iter)
+        assignment = plan * cost.shape[1]
     feats, partner = a.view(batch, c, -1), a_partner.view(batch, c, -1)
     if direction == 0:
         out = feats * lam + torch.matmul(partner, assignment.permute(0, 2, 1)) * (1 - lam)

@@ -12,33 +12,9 @@ import torch
 from sklearn.datasets import load_sample_images
 
 from pipeline.mixing import SinkhornResult, sinkhorn, squared_cost
+from tests.authors_reference import authors_sinkhorn
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def authors_loop(cost: torch.Tensor, eps: float = 0.1, max_iter: int = 100):
-    """The AlignMixup authors' Sinkhorn loop as published: a host sync (.item()) per iteration."""
-    batch, r, s = cost.shape
-    mu = torch.full((batch, r), 1.0 / r)
-    nu = torch.full((batch, s), 1.0 / s)
-    u, v = torch.zeros_like(mu), torch.zeros_like(nu)
-
-    def kernel(u, v):
-        return (-cost + u.unsqueeze(-1) + v.unsqueeze(-2)) / eps
-
-    iterations = 0
-    for _ in range(max_iter):
-        u_prev = u
-        u = eps * (torch.log(mu + 1e-8) - torch.logsumexp(kernel(u, v), dim=-1)) + u
-        v = (
-            eps * (torch.log(nu + 1e-8) - torch.logsumexp(kernel(u, v).transpose(-2, -1), dim=-1))
-            + v
-        )
-        err = (u - u_prev).abs().sum(-1).mean()
-        iterations += 1
-        if err.item() < 0.1:
-            break
-    return torch.exp(kernel(u, v)), iterations
 
 
 def small_cost(scale: float) -> torch.Tensor:
@@ -138,7 +114,7 @@ def test_sinkhorn_is_detached_float32_under_autocast():
 @pytest.mark.parametrize("check_every", [1, 7, 10, 100])
 def test_authors_mode_exits_mid_chunk_like_their_loop(check_every):
     cost = small_cost(10.6)  # constructed so that their loop stops at iteration 23
-    expected_plan, expected_iterations = authors_loop(cost)
+    expected_plan, expected_iterations = authors_sinkhorn(cost)
     assert expected_iterations == 23
     result = sinkhorn(cost, mode="authors", check_every=check_every)
     assert result.iterations == 23
@@ -147,14 +123,16 @@ def test_authors_mode_exits_mid_chunk_like_their_loop(check_every):
 
 def test_authors_mode_runs_all_iterations_when_rule_is_never_met():
     cost = small_cost(1000.0)  # large raw costs against eps = 0.1: their rule never fires
-    expected_plan, expected_iterations = authors_loop(cost)
+    expected_plan, expected_iterations = authors_sinkhorn(cost)
     assert expected_iterations == 100
     result = sinkhorn(cost, mode="authors")
     assert result.iterations == 100
     torch.testing.assert_close(result.plan, expected_plan, rtol=1e-6, atol=0)
     capped = sinkhorn(cost, mode="authors", max_iter=25, check_every=10)
     assert capped.iterations == 25
-    torch.testing.assert_close(capped.plan, authors_loop(cost, max_iter=25)[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        capped.plan, authors_sinkhorn(cost, max_iter=25)[0], rtol=1e-6, atol=0
+    )
 
 
 def test_sinkhorn_rejects_bad_arguments():
@@ -215,4 +193,4 @@ def test_authors_mode_on_train_features_keeps_its_skewed_rows(resnet50_costs):
     result = sinkhorn(cost, mode="authors")
     assert result.iterations == 100
     assert row_col_error(result.plan) > 0.5
-    torch.testing.assert_close(result.plan, authors_loop(cost)[0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(result.plan, authors_sinkhorn(cost)[0], rtol=1e-5, atol=0)
