@@ -133,11 +133,21 @@ def _sections(record: dict) -> str:
 
 def format_table(records: list[dict]) -> str:
     """The records as a Markdown table; times in ms, the hook's per step, the split per call."""
-    lines = [
-        "| method | params | msec/batch | IQR | images/s | × baseline | hook ms/step "
-        "| hook sections ms/step | align_mix ms/call | Sinkhorn ms/call (iters) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+    from pipeline.tools.runs_table import markdown_table
+
+    headers = [
+        "method",
+        "params",
+        "msec/batch",
+        "IQR",
+        "images/s",
+        "× baseline",
+        "hook ms/step",
+        "hook sections ms/step",
+        "align_mix ms/call",
+        "Sinkhorn ms/call (iters)",
     ]
+    rows = []
     for r in records:
         sinkhorn = _fmt(r.get("sinkhorn_msec_per_call"), ".2f")
         if "sinkhorn_iterations" in r:
@@ -154,8 +164,8 @@ def format_table(records: list[dict]) -> str:
             _fmt(r.get("align_mix_msec_per_call"), ".2f"),
             sinkhorn,
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return markdown_table(headers, rows)
 
 
 def describe(settings) -> str:

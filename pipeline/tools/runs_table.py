@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -114,16 +115,17 @@ def format_value(key: str, value: Any) -> str:
     return str(value)
 
 
-def to_markdown(rows: list[dict[str, Any]], columns: list[Column]) -> str:
-    """A GitHub-flavoured Markdown table."""
-    lines = [
-        "| " + " | ".join(c.header for c in columns) + " |",
-        "|" + "|".join("---" for _ in columns) + "|",
-    ]
-    for row in rows:
-        cells = (format_value(c.key, row.get(c.key)).replace("|", "\\|") for c in columns)
-        lines.append("| " + " | ".join(cells) + " |")
+def markdown_table(headers: list[str], rows: Iterable[Iterable[str]]) -> str:
+    """A GitHub-flavoured Markdown table of ready-formatted cells."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def to_markdown(rows: list[dict[str, Any]], columns: list[Column]) -> str:
+    """The comparison as a Markdown table."""
+    cells = ([format_value(c.key, row.get(c.key)) for c in columns] for row in rows)
+    return markdown_table([c.header for c in columns], cells)
 
 
 def to_csv(rows: list[dict[str, Any]], columns: list[Column]) -> str:

@@ -123,6 +123,7 @@ class Trainer:
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.state = TrainerState()
+        self.last_val: tuple[float | None, float | None] = (None, None)  # top-1, top-5 error
         self.tracker = Tracker(recipe, enabled=acc.is_main_process)
         self.watch = PreemptionWatch(self.output_dir)
 
@@ -347,7 +348,7 @@ class Trainer:
             self.tracker.artifact(curves)
 
     def _summary(self, started: float, timing, preempted: bool = False) -> RunSummary:
-        top1, top5 = getattr(self, "last_val", (None, None))
+        top1, top5 = self.last_val
         return RunSummary(
             name=self.recipe.name,
             method=self.recipe.method.name,
