@@ -1,60 +1,41 @@
-"""Recipes: the YAML schema every knob lives in, validated on load.
-
-A recipe is a YAML file with the sections below. Unknown keys and wrong types are errors that
-name the file and the dotted key; `key=value` overrides from the CLI go through the same
-validation. The schema is written with pydantic so that validation, defaults and error paths
-come from a library rather than hand-written checks.
+"""The schema of each recipe section (model, data, optim, train, tracking, and the base of every
+method's settings), validated with pydantic so that defaults, types and error paths come from a
+library. A whole recipe (YAML, `extends:`, `key=value` overrides) is `pipeline.recipe`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.errors import RecipeError
-
-__all__ = ["METHODS", "Recipe", "RecipeError", "apply_overrides", "dump_recipe", "load_recipe"]
-
-METHODS = (
-    "baseline",
-    "input_mixup",
-    "cutmix",
-    "manifold_mixup",
-    "alignmixup",
-    "alignmixup_ae",
-    "alignmixup_or_cutmix",
-)
+__all__ = [
+    "AEConfig",
+    "DataConfig",
+    "MethodSettings",
+    "ModelConfig",
+    "OptimConfig",
+    "Section",
+    "TrackingConfig",
+    "TrainConfig",
+]
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A recipe section: unknown keys are errors, and assignments are validated too."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class MethodConfig(_Section):
-    """Which mixing hook trains the model, and its knobs (SPEC.md §1–4)."""
+class MethodSettings(Section):
+    """The `method` section. `name` picks a registered method (pipeline/methods/); that method's
+    own settings class, a subclass of this one, holds and validates the other keys, so a key of
+    another method is an unknown key. `name` cannot be reassigned: load a new recipe instead."""
 
-    name: Literal[METHODS] = "baseline"  # type: ignore[valid-type]
-    alpha: float = Field(2.0, gt=0, description="λ ~ Beta(α, α)")
-    sinkhorn: Literal["authors", "converged"] = "authors"
-    sinkhorn_eps: float = Field(0.1, gt=0)
-    sinkhorn_max_iter: int | None = Field(
-        None, ge=1, description="None: 100 for authors, 1000 for converged"
-    )
-    manifold_levels: list[int] = Field(
-        default_factory=lambda: [0, 1, 2, 3],
-        description="levels manifold mixup draws from (0 = input, k = after stage k)",
-    )
-    cutmix_alpha: float = Field(1.0, gt=0, description="CutMix λ ~ Beta(α, α) (timm default 1)")
-    cutmix_prob: float = Field(0.5, ge=0, le=1, description="alignmixup_or_cutmix: P(CutMix)")
-    ae_clean_prob: float = Field(0.2, ge=0, le=1, description="AE: share of clean batches")
-    ae_recon_weight: float = Field(1.0, ge=0, description="AE: weight of L_r on clean batches")
-    ae_mix_levels: list[Literal["x", "A", "e"]] = Field(default_factory=lambda: ["x", "A", "e"])
+    name: str = Field("baseline", frozen=True, description="a method in pipeline/methods/")
 
 
-class AEConfig(_Section):
+class AEConfig(Section):
     """AlignMixup/AE: `f` (A → e), decoder `D` (e → x̂); see pipeline/models/autoencoder.py."""
 
     embed_channels: int = Field(1024, ge=8, description="E: channels of e (d = E·h·w)")
@@ -66,7 +47,7 @@ class AEConfig(_Section):
     )
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     name: str = "resnet50"
     num_classes: int | None = Field(None, ge=2, description="None: from the dataset")
     pretrained: str | None = Field(None, description="path to a checkpoint to start from")
@@ -76,7 +57,7 @@ class ModelConfig(_Section):
     ae: AEConfig = Field(default_factory=AEConfig)
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     backend: Literal["dali", "torchvision"] = "dali"
     root: str = "data/imagenet"
     layout: Literal["imagefolder", "filelist", "cub"] = "imagefolder"
@@ -99,7 +80,7 @@ class DataConfig(_Section):
     max_val_samples: int | None = Field(None, ge=1)
 
 
-class OptimConfig(_Section):
+class OptimConfig(Section):
     name: Literal["authors_sgd", "timm"] = "authors_sgd"
     timm_opt: str = Field("sgd", description="timm.optim.create_optimizer_v2 opt name")
     lr: float = Field(0.1, gt=0, description="at reference_batch; scaled linearly")
@@ -124,7 +105,7 @@ class OptimConfig(_Section):
     grad_clip: float | None = Field(None, gt=0)
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     epochs: int = Field(300, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop early after this many steps")
     amp: Literal["no", "bf16", "fp16"] = "bf16"
@@ -146,139 +127,8 @@ class TrainConfig(_Section):
         return "no" if v is False else v
 
 
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     experiment: str = "alignmixup"
     tracking_uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI or sqlite")
     run_name: str | None = None
     system_metrics: bool = True
-
-
-class Recipe(_Section):
-    """A whole recipe; `name` labels the run."""
-
-    name: str = "run"
-    method: MethodConfig = Field(default_factory=MethodConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-
-    @field_validator("name")
-    @classmethod
-    def _name_is_simple(cls, v: str) -> str:
-        if not v or "/" in v:
-            raise ValueError(f"name must be non-empty and contain no '/', got {v!r}")
-        return v
-
-    def flat(self) -> dict[str, Any]:
-        """Dotted-key view of every value (MLflow params)."""
-        return dict(_flatten(self.model_dump(mode="json")))
-
-
-def _flatten(d: dict[str, Any], prefix: str = ""):
-    for key, value in d.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            yield from _flatten(value, path + ".")
-        else:
-            yield path, value
-
-
-def _format_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid recipe"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  unknown key '{key}'")
-        else:
-            lines.append(f"  '{key}': {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b=value` → (['a', 'b'], value parsed as YAML so numbers and lists get their type)."""
-    if "=" not in text:
-        raise RecipeError(f"override {text!r}: expected key=value, e.g. train.epochs=3")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise RecipeError(f"override {text!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"override {text!r}: value is not valid YAML: {exc}") from exc
-    return key.split("."), value
-
-
-def _apply_override(tree: dict[str, Any], path: list[str], value: Any, text: str) -> None:
-    node = tree
-    for part in path[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise RecipeError(f"override {text!r}: '{part}' is a value, not a section")
-        node = child
-    node[path[-1]] = value
-
-
-def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The YAML mapping of a recipe, with `extends: other.yaml` (relative to it) merged under it."""
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
-    if path.resolve() in seen:
-        raise RecipeError(f"{path}: 'extends' forms a cycle")
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
-    if loaded is not None and not isinstance(loaded, dict):
-        raise RecipeError(f"{path}: top level must be a mapping of sections")
-    tree = loaded or {}
-    parent = tree.pop("extends", None)
-    if parent is None:
-        return tree
-    if not isinstance(parent, str):
-        raise RecipeError(f"{path}: 'extends' must be a file name, got {parent!r}")
-    return _deep_merge(_read_tree(path.parent / parent, (*seen, path.resolve())), tree)
-
-
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a YAML recipe (or the defaults when `path` is None), apply overrides, validate.
-
-    A recipe may start with `extends: base.yaml` (a path relative to it): its keys are merged
-    over the base's, section by section.
-    """
-    source = str(path) if path is not None else "<defaults>"
-    return _validate(_read_tree(Path(path)) if path is not None else {}, overrides, source)
-
-
-def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...], source: str) -> Recipe:
-    """A copy of `recipe` with `key=value` overrides, validated like a recipe file."""
-    return _validate(recipe.model_dump(mode="json"), overrides, source)
-
-
-def _validate(tree: dict[str, Any], overrides: list[str] | tuple[str, ...], source: str) -> Recipe:
-    for text in overrides:
-        keys, value = parse_override(text)
-        _apply_override(tree, keys, value, text)
-    if overrides:
-        source += " (with overrides " + " ".join(overrides) + ")"
-    try:
-        return Recipe.model_validate(tree)
-    except ValidationError as exc:
-        raise RecipeError(_format_error(exc, source)) from None
-
-
-def dump_recipe(recipe: Recipe) -> str:
-    """The resolved recipe as YAML (logged as an MLflow artifact, re-loadable)."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,7 +1,7 @@
 """`python -m pipeline demo`: the embedded default, end to end on the CPU.
 
 Builds scikit-learn's handwritten digits as a folder of real JPEGs, trains `baseline`,
-`alignmixup` and `alignmixup_ae` from `recipes/demo_*.yaml` (DALI, CPU-only), logs them to MLflow,
+`alignmixup` and `alignmixup_ae` from `recipes/demo/` (DALI, CPU-only), logs them to MLflow,
 prints their comparison and draws the AE's decoded interpolations.
 """
 
@@ -11,8 +11,8 @@ import argparse
 import time
 from pathlib import Path
 
-RECIPES = ("demo_baseline", "demo_alignmixup", "demo_alignmixup_ae")
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = ("baseline", "alignmixup", "alignmixup_ae")
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "demo"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,8 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.config import load_recipe
     from pipeline.data.demo import build_digits_dataset
+    from pipeline.recipe import load_recipe
     from pipeline.training import Trainer, summary_table
 
     started = time.perf_counter()
@@ -53,9 +53,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _interpolation_figure(run_dir: Path, data_root: Path) -> None:
     """The paper's Figure 3 for two validation digits of different classes, from the AE run."""
+    from pipeline.runs.model_file import FINAL_MODEL
     from pipeline.tools.visualize import visualize
 
     val = sorted(p for p in (data_root / "val").iterdir() if p.is_dir())
     first, second = (next(iter(sorted(d.iterdir()))) for d in (val[0], val[-1]))
-    out = visualize(run_dir / "model_final.pt", first, second, run_dir / "interpolations.png")
+    out = visualize(run_dir / FINAL_MODEL, first, second, run_dir / "interpolations.png")
     print(f"decoded interpolations: {out}")

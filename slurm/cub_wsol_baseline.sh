@@ -1,7 +1,7 @@
 #!/bin/bash
 # CUB-200-2011 WSOL, ResNet-50 fine-tuned from ImageNet weights: CAM baseline.
 # Default: one GPU at wsolevaluation's batch of 32. Starts from $PRETRAINED, by default
-# $OUTPUT_ROOT/imagenet_baseline/model_final.pt (the ImageNet baseline run).
+# $OUTPUT_ROOT/imagenet_baseline/model_final.safetensors (the ImageNet baseline run).
 # Submit from the repository root:  sbatch slurm/cub_wsol_baseline.sh
 # Settings: environment variables (top of slurm/launch.sh) and sbatch flags, which override the
 # lines below (docs/slurm.md). Near the time limit the job checkpoints and requeues itself, and
@@ -17,6 +17,6 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 root=${PIPELINE_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
-export RECIPE=recipes/cub_wsol_baseline.yaml
-export PRETRAINED="${PRETRAINED:-${OUTPUT_ROOT:-$root/runs}/imagenet_baseline/model_final.pt}"
+export RECIPE=recipes/cub_wsol/baseline.yaml
+export PRETRAINED="${PRETRAINED:-${OUTPUT_ROOT:-$root/runs}/imagenet_baseline/model_final.safetensors}"
 exec bash "$root/slurm/launch.sh" "$@"

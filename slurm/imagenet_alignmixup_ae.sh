@@ -16,5 +16,5 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 root=${PIPELINE_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
-export RECIPE=recipes/imagenet_alignmixup_ae.yaml
+export RECIPE=recipes/imagenet/alignmixup_ae.yaml
 exec bash "$root/slurm/launch.sh" "$@"

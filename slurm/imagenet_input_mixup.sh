@@ -16,5 +16,5 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 root=${PIPELINE_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
-export RECIPE=recipes/imagenet_input_mixup.yaml
+export RECIPE=recipes/imagenet/input_mixup.yaml
 exec bash "$root/slurm/launch.sh" "$@"

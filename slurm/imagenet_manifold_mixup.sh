@@ -16,5 +16,5 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 root=${PIPELINE_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
-export RECIPE=recipes/imagenet_manifold_mixup.yaml
+export RECIPE=recipes/imagenet/manifold_mixup.yaml
 exec bash "$root/slurm/launch.sh" "$@"

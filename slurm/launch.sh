@@ -7,7 +7,8 @@
 # Settings, from the environment [default]:
 #   RECIPE               recipe YAML, relative to PIPELINE_ROOT     [set by the per-recipe script]
 #   PIPELINE_ROOT        the repository checkout                    [$SLURM_SUBMIT_DIR]
-#   RUN_NAME             name of the run's folder                   [the recipe's file name]
+#   RUN_NAME             name of the run's folder   [the recipe's path under recipes/, '/' as '_':
+#                                                    recipes/imagenet/cutmix.yaml → imagenet_cutmix]
 #   OUTPUT_ROOT          where run folders go                       [$PIPELINE_ROOT/runs]
 #   OUTPUT_DIR           this run: checkpoints, PREEMPT file        [$OUTPUT_ROOT/$RUN_NAME]
 #                        (the same folder on requeue, and on a later sbatch of the same script:
@@ -44,7 +45,11 @@ resolve_settings() {
     [[ -n ${RECIPE:-} ]] || die "RECIPE is not set (the scripts in slurm/ set it)"
     cd "$ROOT" || die "PIPELINE_ROOT '$ROOT' is not a folder"
     [[ -f $RECIPE ]] || die "recipe '$RECIPE' not found under $ROOT"
-    RUN_NAME=${RUN_NAME:-$(basename "$RECIPE" .yaml)}
+    if [[ -z ${RUN_NAME:-} ]]; then
+        RUN_NAME=${RECIPE#recipes/}
+        RUN_NAME=${RUN_NAME%.yaml}
+        RUN_NAME=${RUN_NAME//\//_}
+    fi
     OUTPUT_ROOT=${OUTPUT_ROOT:-$ROOT/runs}
     OUTPUT_DIR=${OUTPUT_DIR:-$OUTPUT_ROOT/$RUN_NAME}
     export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$OUTPUT_ROOT/mlflow.db}

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import Recipe, dump_recipe, load_recipe
 from pipeline.errors import RecipeError
+from pipeline.recipe import Recipe, dump_recipe, load_recipe
 
 
 def test_overrides_are_parsed_as_yaml(tmp_path):
-    r = load_recipe(None, ["data.batch_size=32", "method.manifold_levels=[0,2]", "train.amp=no"])
-    assert r.data.batch_size == 32 and r.method.manifold_levels == [0, 2]
+    overrides = ["data.batch_size=32", "method.name=manifold_mixup", "method.levels=[0,2]"]
+    r = load_recipe(None, [*overrides, "train.amp=no"])
+    assert r.data.batch_size == 32 and r.method.levels == [0, 2]
     assert r.train.amp == "no"
 
 
@@ -29,7 +30,7 @@ def test_wrong_type_names_key_and_value(tmp_path):
 
 
 def test_unknown_method_is_rejected():
-    with pytest.raises(RecipeError, match=r"method\.name"):
+    with pytest.raises(RecipeError, match=r"'method\.name': unknown method 'puzzlemix'"):
         load_recipe(None, ["method.name=puzzlemix"])
 
 
@@ -65,3 +66,9 @@ def test_dumped_recipe_round_trips(tmp_path):
     path.write_text(dump_recipe(r))
     assert load_recipe(path) == r
     assert Recipe().flat()["method.name"] == "baseline"
+
+
+def test_params_hold_only_the_chosen_methods_settings():
+    assert {k for k in Recipe().flat() if k.startswith("method.")} == {"method.name"}
+    ae = load_recipe(None, ["method.name=alignmixup_ae"]).flat()
+    assert ae["method.clean_prob"] == 0.2 and "method.levels" not in ae

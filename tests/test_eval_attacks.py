@@ -7,7 +7,8 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from pipeline.evaluation.attacks import fgsm, pgd, pixel_model, unnormalize
+from pipeline.data.augment import unnormalize
+from pipeline.evaluation.attacks import fgsm, pgd, pixel_model
 from pipeline.evaluation.run import ATTACKS, evaluate_model
 
 MEAN, STD = (0.5,), (0.5,)

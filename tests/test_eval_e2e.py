@@ -15,14 +15,14 @@ import pytest
 import torch
 from conftest import TINY_OVERRIDES
 
-from pipeline.config import load_recipe
 from pipeline.evaluation import cli
 from pipeline.evaluation.cub_data import CubBoxDataset
 from pipeline.evaluation.cub_synth import build_cub_demo
 from pipeline.evaluation.run import evaluate_checkpoint, localize_model
-from pipeline.hooks import build_model_and_hook
+from pipeline.methods import build_method
+from pipeline.recipe import load_recipe
+from pipeline.runs.model_file import load_model
 from pipeline.training import train
-from pipeline.training.checkpoint import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ def test_wsol_trained_model_localises_better_than_random_weights(trained, tmp_pa
 
     _, recipe, extra = load_model(run)
     torch.manual_seed(0)
-    untrained, _ = build_model_and_hook(recipe, extra["num_classes"])
+    untrained = build_method(recipe.method).build_model(recipe.model, extra["num_classes"])
     dataset = CubBoxDataset(cub, "test", 64, recipe.data.mean, recipe.data.std)
     # workers=2: images decoded by DataLoader workers, boxes scored in a process pool.
     random_scores, _ = localize_model(untrained, dataset, batch_size=25, workers=2)

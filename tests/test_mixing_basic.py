@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.mixing import MixSample, cutmix, input_mixup, mix, mixed_cross_entropy, sample_mix
+from pipeline.mixing import (
+    MixSample,
+    cutmix,
+    cutmix_box,
+    input_mixup,
+    mix,
+    mixed_cross_entropy,
+    sample_mix,
+)
 
 # --- sample_mix ----------------------------------------------------------------------------
 
@@ -93,7 +101,6 @@ def test_mixing_rejects_bad_shapes_and_perms():
 
 @pytest.mark.parametrize("lam", [0.1, 0.37, 0.8, 1.0])
 def test_cutmix_box_area_and_sources(lam):
-    np.random.seed(0)  # timm draws the box centre from numpy's global RNG
     batch, height, width = 4, 20, 30
     x = (
         (torch.arange(batch, dtype=torch.float32) + 1)
@@ -101,8 +108,9 @@ def test_cutmix_box_area_and_sources(lam):
         .expand(batch, 3, height, width)
     )
     perm = torch.tensor([1, 2, 3, 0])
+    rng = torch.Generator().manual_seed(0)
     for _ in range(5):
-        mixed, lam_adjusted = cutmix(x, perm, lam)
+        mixed, lam_adjusted = cutmix(x, perm, lam, generator=rng)
         inside = mixed != x  # every sample differs from its partner, so the box shows
         assert torch.equal(inside, inside[:1].expand_as(inside))  # one box for the batch
         box = inside[0, 0]
@@ -110,12 +118,75 @@ def test_cutmix_box_area_and_sources(lam):
         if box.any():  # a rectangle: every cell between its extreme rows and columns
             assert box[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
         assert lam_adjusted == pytest.approx(1 - box.sum().item() / (height * width))
-        if lam < 1:  # timm: a box of side ≈ √(1−λ) of each side, clipped at the border
-            assert box.sum().item() <= math.ceil(height * math.sqrt(1 - lam)) * math.ceil(
-                width * math.sqrt(1 - lam)
-            )
+        # at most 2·(cut // 2) pixels a side, cut = int(side · √(1−λ)), clipped at the border
+        cut_h, cut_w = (int(side * math.sqrt(1 - lam)) for side in (height, width))
+        assert len(rows) <= 2 * (cut_h // 2) and len(cols) <= 2 * (cut_w // 2)
         torch.testing.assert_close(mixed[:, :, box], x[perm][:, :, box])
         torch.testing.assert_close(mixed[:, :, ~box], x[:, :, ~box])
+
+
+def authors_rand_bbox(size, lam, first_draw, second_draw):
+    """clovaai/CutMix-PyTorch's `rand_bbox`, re-derived, with its two `np.random.randint` draws
+    given: they name dim 2 `W` and dim 3 `H`, draw `cx` on dim 2 first, then `cy` on dim 3, and
+    paste `x[:, :, bbx1:bbx2, bby1:bby2]`."""
+    W, H = size[2], size[3]
+    cut_rat = np.sqrt(1.0 - lam)
+    cut_w, cut_h = int(W * cut_rat), int(H * cut_rat)
+    cx, cy = first_draw, second_draw
+    bbx1, bbx2 = np.clip(cx - cut_w // 2, 0, W), np.clip(cx + cut_w // 2, 0, W)
+    bby1, bby2 = np.clip(cy - cut_h // 2, 0, H), np.clip(cy + cut_h // 2, 0, H)
+    return int(bbx1), int(bbx2), int(bby1), int(bby2)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (31, 20), (7, 224)])
+def test_cutmix_box_is_the_cutmix_authors(size):
+    """Every (λ, centre): the same box as the authors' code, centre drawn uniformly per axis."""
+    height, width = size
+    rng = torch.Generator().manual_seed(1)
+    centres = set()
+    for lam in np.linspace(0.0, 1.0, 41):
+        for _ in range(25):
+            # The two draws cutmix_box makes, read from a copy of the generator's state.
+            twin = torch.Generator().set_state(rng.get_state())
+            first = int(torch.randint(height, (1,), generator=twin))
+            second = int(torch.randint(width, (1,), generator=twin))
+            centres.add((first, second))
+            assert cutmix_box(height, width, float(lam), rng) == authors_rand_bbox(
+                (1, 3, height, width), lam, first, second
+            )
+    assert len(centres) > 0.5 * min(41 * 25, height * width)  # centres spread over the image
+
+
+def test_cutmix_mean_lambda_is_the_authors_at_32px():
+    """Averaged over λ ~ U(0, 1) (CutMix's Beta(1, 1)) and every centre, the corrected λ equals
+    the authors'; timm's box (one pixel more on odd cuts) gives 0.011 less."""
+    size, lams = 32, np.linspace(0.005, 0.995, 100)
+
+    def mean_lam(box) -> float:
+        areas = [
+            (y1 - y0) * (x1 - x0)
+            for lam in lams
+            for cy in range(size)
+            for cx in range(size)
+            for (y0, y1, x0, x1) in [box(lam, cy, cx)]
+        ]
+        return 1 - float(np.mean(areas)) / size**2
+
+    def timm_box(lam, cy, cx):  # timm's rand_bbox: the far side gets (cut + 1) // 2
+        cut = int(size * np.sqrt(1 - lam))
+        low, high = cut // 2, (cut + 1) // 2
+        return max(cy - low, 0), min(cy + high, size), max(cx - low, 0), min(cx + high, size)
+
+    authors = mean_lam(lambda lam, cy, cx: authors_rand_bbox((1, 3, size, size), lam, cy, cx))
+    timm_like = mean_lam(timm_box)
+    rng = torch.Generator().manual_seed(0)
+    ours = []
+    for lam in lams:
+        for _ in range(200):
+            y0, y1, x0, x1 = cutmix_box(size, size, float(lam), rng)
+            ours.append(1 - (y1 - y0) * (x1 - x0) / size**2)
+    assert np.mean(ours) == pytest.approx(authors, abs=2e-3)  # 20,000 random centres
+    assert authors - timm_like == pytest.approx(0.011, abs=1e-3)
 
 
 # --- mixed cross-entropy -------------------------------------------------------------------

@@ -21,7 +21,7 @@ def test_alignmixup_ae_has_35m_parameters():
     assert abs(count_parameters(model) - 35e6) <= 1e6
     decoder = sum(p.numel() for p in model.decoder.parameters())
     extra = count_parameters(model) - 25_557_032
-    assert decoder > extra / 2  # "the extra 40% mostly a residual decoder" (SPEC.md §4)
+    assert decoder > extra / 2  # "the extra 40% mostly a residual decoder" (the paper, §4)
 
 
 def test_levels_compose_to_the_full_forward():

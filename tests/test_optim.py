@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import load_recipe
 from pipeline.errors import RecipeError
+from pipeline.recipe import load_recipe
 from pipeline.training.optim import build_optimizer, build_schedule, scaled_lr
 
 

@@ -187,7 +187,7 @@ def test_converged_mode_marginals_on_resnet50_features(resnet50_costs, phase):
 
 
 def test_authors_mode_on_train_features_keeps_its_skewed_rows(resnet50_costs):
-    # SPEC.md §3: costs ≈ 1,500 against eps = 0.1; all 100 iterations run, rows stray far.
+    # docs/mixing.md: costs ≈ 1,500 against eps = 0.1; all 100 iterations run, rows stray far.
     cost = resnet50_costs["train"]
     assert 500 < cost.mean().item() < 5000
     result = sinkhorn(cost, mode="authors")

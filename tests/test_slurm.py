@@ -164,7 +164,7 @@ def test_alignmixup_ae_job_completes_into_a_finished_mlflow_run(
     assert run.data.params["train.cpu"] == "True"  # no GPUs on the node → CPU
     assert logged_steps(client, run.info.run_id, "train/loss") == [1, 2, 3, 4]
     assert "val/top1_err" in run.data.metrics
-    assert (tmp_path / "runs" / "imagenet_alignmixup_ae" / "model_final.pt").is_file()
+    assert (tmp_path / "runs" / "imagenet_alignmixup_ae" / "model_final.safetensors").is_file()
 
 
 @pytest.mark.parametrize(
@@ -299,7 +299,7 @@ def test_two_nodes_of_four_gpus_build_one_accelerate_launch_per_node(cluster, tm
             "pipeline",
             "train",
             "--recipe",
-            "recipes/imagenet_alignmixup_ae.yaml",
+            "recipes/imagenet/alignmixup_ae.yaml",
         ]
         assert f"train.output_dir={REPO}/runs/imagenet_alignmixup_ae" in trainer
         assert {"train.resume=auto", "data.root=/data/imagenet"} <= set(trainer)
@@ -327,7 +327,7 @@ def test_one_gpu_runs_the_trainer_without_a_launcher_in_a_container(cluster, tmp
         "CONTAINER_IMAGE": "registry#alignmixup-pipeline:latest",
         "DATA_ROOT": "/data/CUB",
         "OUTPUT_ROOT": "/scratch/runs",
-        "PRETRAINED": "/scratch/in1k/model_final.pt",
+        "PRETRAINED": "/scratch/in1k/model_final.safetensors",
     }
     argv = print_command(cluster, "cub_wsol_alignmixup.sh", **env)
     assert "--container-image=registry#alignmixup-pipeline:latest" in argv
@@ -344,10 +344,10 @@ def test_one_gpu_runs_the_trainer_without_a_launcher_in_a_container(cluster, tmp
         "pipeline",
         "train",
         "--recipe",
-        "recipes/cub_wsol_alignmixup.yaml",
+        "recipes/cub_wsol/alignmixup.yaml",
     ]
     assert {
-        "model.pretrained=/scratch/in1k/model_final.pt",
+        "model.pretrained=/scratch/in1k/model_final.safetensors",
         "data.root=/data/CUB",
         "train.output_dir=/scratch/runs/cub_wsol_alignmixup",
     } <= set(node)
@@ -355,7 +355,7 @@ def test_one_gpu_runs_the_trainer_without_a_launcher_in_a_container(cluster, tmp
 
 def test_cub_scripts_default_to_the_imagenet_baseline_weights(cluster):
     argv = print_command(cluster, "cub_wsol_cutmix.sh", OUTPUT_ROOT="/scratch/runs")
-    assert "model.pretrained=/scratch/runs/imagenet_baseline/model_final.pt" in argv[-1]
+    assert "model.pretrained=/scratch/runs/imagenet_baseline/model_final.safetensors" in argv[-1]
     assert "train.cpu=true" in argv[-1]  # no GPUs from Slurm: the CPU
 
 

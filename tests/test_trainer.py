@@ -14,10 +14,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import load_recipe
 from pipeline.errors import TrainingError
+from pipeline.recipe import load_recipe
+from pipeline.runs.checkpoints import list_checkpoints, read_state
+from pipeline.runs.model_file import FINAL_MODEL, load_model
 from pipeline.training import Trainer
-from pipeline.training.checkpoint import list_checkpoints, load_model, read_state
 from pipeline.training.preempt import EXIT_PREEMPTED, STOP_FILE
 
 pytestmark = pytest.mark.slow
@@ -44,7 +45,7 @@ def _train_cmd(overrides: list[str]) -> list[str]:
         "pipeline",
         "train",
         "--recipe",
-        "recipes/demo_baseline.yaml",
+        "recipes/demo/baseline.yaml",
         *overrides,
     ]
 
@@ -74,6 +75,11 @@ def test_run_finishes_tracked_and_reloadable(tiny_overrides, mlflow_uri, tmp_pat
     run = MlflowClient(tracking_uri=mlflow_uri).get_run(summary.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["method.name"] == "alignmixup"
+    assert run.data.params["method.sinkhorn"] == "authors"  # the method's own settings only
+    assert "method.clean_prob" not in run.data.params and "method.levels" not in run.data.params
+    # the method's stats, averaged per log window: λ in (0, 1), aligned a share of batches
+    assert 0 < run.data.metrics["method/lam"] < 1
+    assert 0 <= run.data.metrics["method/aligned"] <= 1
     assert int(run.data.params["num_params"]) == summary.params
     assert run.data.metrics["final/top1_err"] == pytest.approx(summary.top1_err)
     assert sorted(_losses(mlflow_uri, run.info.run_id)) == [1, 2, 3, 4, 5, 6]
@@ -88,7 +94,7 @@ def test_run_finishes_tracked_and_reloadable(tiny_overrides, mlflow_uri, tmp_pat
     assert read_state(ckpts[-1]).finished
 
     # The final model file rebuilds the same network: same val error as the run reported.
-    model, loaded_recipe, extra = load_model(Path(recipe.train.output_dir) / "model_final.pt")
+    model, loaded_recipe, extra = load_model(Path(recipe.train.output_dir) / FINAL_MODEL)
     assert loaded_recipe == recipe and extra["mlflow_run_id"] == summary.mlflow_run_id
     from pipeline.data import build_loaders
 
@@ -216,7 +222,7 @@ def test_bad_recipe_and_missing_data_exit_2_with_named_errors(
 
 DDP_SCRIPT = """
 import sys, torch
-from pipeline.config import load_recipe
+from pipeline.recipe import load_recipe
 from pipeline.training import Trainer
 trainer = Trainer(load_recipe(None, sys.argv[2:]))
 rank = trainer.accelerator.process_index
@@ -267,4 +273,4 @@ def test_two_process_gloo_ddp_ends_with_identical_parameters(
     # They trained (the classifier and the decoder moved), and only rank 0 wrote the model file.
     for key in ("classifier.weight", "decoder.net.0.0.weight", "stages.0.0.0.0.weight"):
         assert not torch.equal(rank0[key], initial[key]), key
-    assert (tmp_path / "run" / "model_final.pt").is_file()
+    assert (tmp_path / "run" / FINAL_MODEL).is_file()

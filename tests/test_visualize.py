@@ -1,4 +1,4 @@
-"""`visualize` on a small AE checkpoint in the trainer's `model_final.pt` format, real JPEGs."""
+"""`visualize` on a small AE checkpoint in the trainer's model file format, real JPEGs."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import torch
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.config import load_recipe
 from pipeline.errors import CheckpointError, DataError
-from pipeline.hooks import build_model_and_hook
+from pipeline.methods import build_method
+from pipeline.recipe import load_recipe
+from pipeline.runs.checkpoints import TrainerState
+from pipeline.runs.model_file import FINAL_MODEL, load_model, model_facts, save_final_model
 from pipeline.tools import visualize as visualize_cmd
 from pipeline.tools.interpolation import LAMBDAS, decoded_interpolations
-from pipeline.training.checkpoint import TrainerState, load_model, save_final_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -52,12 +53,13 @@ def _calibrate_batchnorm(model: torch.nn.Module) -> None:
 def _save(folder: Path, overrides: list[str], run_id: str | None, uri: str) -> Path:
     recipe = load_recipe(None, [*overrides, f"tracking.tracking_uri={uri}"])
     torch.manual_seed(0)
-    model, _ = build_model_and_hook(recipe, 5)
+    model = build_method(recipe.method).build_model(recipe.model, 5)
     if model.has_decoder:
         _calibrate_batchnorm(model)
     folder.mkdir()
-    path = folder / "model_final.pt"
-    save_final_model(path, model, recipe, 5, list("abcde"), TrainerState(mlflow_run_id=run_id))
+    path = folder / FINAL_MODEL
+    facts = model_facts(model, 5, list("abcde"))
+    save_final_model(path, model, recipe, facts, TrainerState(mlflow_run_id=run_id))
     return path
 
 
@@ -102,7 +104,7 @@ def decodings(setup):
     """The model, its recipe, both images as the model sees them, and their decoded grid."""
     model, recipe, _ = load_model(setup["ckpt"])
     a, b = (visualize_cmd.load_image(p, recipe.data) for p in setup["images"])
-    return model, recipe, a, b, decoded_interpolations(model, a, b, recipe.method)
+    return model, recipe, a, b, decoded_interpolations(model, a, b, recipe.method.solver())
 
 
 def test_lambda_one_aligned_equals_unaligned(decodings):

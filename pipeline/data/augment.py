@@ -10,6 +10,7 @@ image, so both backends fold it into the per-sample mean of their normalisation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -133,3 +134,13 @@ def normalize(img: Image, mean: tuple[float, float, float], std: tuple[float, fl
     from torchvision.transforms import functional as F
 
     return F.normalize(F.to_tensor(img), list(mean), list(std), inplace=True)
+
+
+def unnormalize(images, mean: Sequence[float], std: Sequence[float]):
+    """Normalised (..., 3, H, W) images back to [0, 1] pixels (for attacks and pictures); the
+    clamp removes rounding only."""
+    import torch
+
+    m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    return (images * s + m).clamp_(0.0, 1.0)

@@ -135,8 +135,9 @@ def read_filelist(list_path: str | Path, root: str | Path) -> SplitIndex:
     return index
 
 
-def _read_rows(path: Path, width: int, number: type = str) -> list[list]:
-    """Comma-separated rows of `width` fields; all but the first converted with `number`."""
+def _read_rows(path: Path, width: int, number: type = str) -> list[tuple[int, list]]:
+    """(line number, row) of comma-separated rows of `width` fields, all but the first field
+    converted with `number`."""
     if not path.is_file():
         raise DataError(f"{path}: CUB metadata file not found")
     rows = []
@@ -149,7 +150,7 @@ def _read_rows(path: Path, width: int, number: type = str) -> list[list]:
                 f"{path}:{lineno}: expected {width} comma-separated fields, got {line!r}"
             )
         try:
-            rows.append([row[0], *(number(v) for v in row[1:])])
+            rows.append((lineno, [row[0], *(number(v) for v in row[1:])]))
         except ValueError:
             raise DataError(
                 f"{path}:{lineno}: expected {number.__name__} values after the image id, "
@@ -158,17 +159,24 @@ def _read_rows(path: Path, width: int, number: type = str) -> list[list]:
     return rows
 
 
-def load_cub_metadata(root: str | Path, split: str) -> list[CubRecord]:
-    """wsolevaluation metadata for one split → one CubRecord per image, in image_ids.txt order."""
+def load_cub_metadata(root: str | Path, split: str, check_boxes: bool = False) -> list[CubRecord]:
+    """wsolevaluation metadata for one split → one CubRecord per image, in image_ids.txt order.
+
+    With `check_boxes` (localisation needs it), every line of localization.txt must name a
+    listed image and hold x0 ≤ x1, y0 ≤ y1 inside it; a box may end on the image's far edge
+    (x1 = w), which exclusive-end converters write.
+    """
     root = Path(root)
     _require_dir(root, "data folder")
     meta = root / "metadata" / split
     _require_dir(meta, f"CUB metadata of split '{split}'")
-    ids = [row[0] for row in _read_rows(meta / "image_ids.txt", 1)]
-    labels = {p: v for p, v in _read_rows(meta / "class_labels.txt", 2, int)}
-    sizes = {p: (w, h) for p, w, h in _read_rows(meta / "image_sizes.txt", 3, int)}
+    ids = [row[0] for _, row in _read_rows(meta / "image_ids.txt", 1)]
+    labels = {p: v for _, (p, v) in _read_rows(meta / "class_labels.txt", 2, int)}
+    sizes = {p: (w, h) for _, (p, w, h) in _read_rows(meta / "image_sizes.txt", 3, int)}
     boxes: dict[str, list[tuple[float, float, float, float]]] = {}
-    for p, *xyxy in _read_rows(meta / "localization.txt", 5, float):
+    for lineno, (p, *xyxy) in _read_rows(meta / "localization.txt", 5, float):
+        if check_boxes:
+            _check_box(meta / "localization.txt", lineno, p, xyxy, sizes)
         boxes.setdefault(p, []).append(tuple(xyxy))
     records = []
     for p in ids:
@@ -179,6 +187,19 @@ def load_cub_metadata(root: str | Path, split: str) -> list[CubRecord]:
     if not records:
         raise DataError(f"{meta / 'image_ids.txt'}: no images listed")
     return records
+
+
+def _check_box(
+    path: Path, lineno: int, image_id: str, xyxy: list[float], sizes: dict[str, tuple[int, int]]
+) -> None:
+    if image_id not in sizes:
+        raise DataError(f"{path}:{lineno}: image '{image_id}' is not in image_sizes.txt")
+    (x0, y0, x1, y1), (w, h) = xyxy, sizes[image_id]
+    if not (0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h):
+        raise DataError(
+            f"{path}:{lineno}: box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) of '{image_id}' is not "
+            f"inside its {w}x{h} image"
+        )
 
 
 def scan_cub(root: str | Path, split: str) -> SplitIndex:

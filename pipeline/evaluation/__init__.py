@@ -1,4 +1,4 @@
-"""Evaluation: classification, calibration, FGSM/PGD, OOD detection and CUB WSOL (SPEC.md §6).
+"""Evaluation: classification, calibration, FGSM/PGD, OOD and CUB WSOL (docs/evaluation.md).
 
 Modules: metrics (torchmetrics-backed scores), attacks (FGSM/PGD on [0, 1] pixels), boxes and
 wsol (CAMs and wsolevaluation's box scores), cub_data / cub_synth (CUB-format data), ood_data

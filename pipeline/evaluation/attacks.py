@@ -1,4 +1,4 @@
-"""FGSM and PGD (L∞) on [0, 1] pixels with the normalisation inside the model (SPEC.md §6).
+"""FGSM and PGD (L∞) on [0, 1] pixels with the normalisation inside the model (docs/evaluation.md).
 
 Written by hand: each attack is a few lines, and no attack library is pinned in this project
 (torchattacks is not installed). The protocol is PuzzleMix's, as the paper uses it:
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Normalize", "fgsm", "pgd", "pixel_model", "unnormalize"]
+__all__ = ["Normalize", "fgsm", "pgd", "pixel_model"]
 
 
 class Normalize(nn.Module):
@@ -32,13 +32,6 @@ class Normalize(nn.Module):
 def pixel_model(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> nn.Module:
     """The model as a function of [0, 1] pixels: normalisation first, then the network."""
     return nn.Sequential(Normalize(mean, std), model).to(next(model.parameters()).device)
-
-
-def unnormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Loader images (normalised) back to [0, 1] pixels; the clamp removes rounding only."""
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x * s + m).clamp_(0.0, 1.0)
 
 
 def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

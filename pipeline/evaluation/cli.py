@@ -1,4 +1,4 @@
-"""`eval`, `wsol` and `make-cub-demo`: evaluate a trained checkpoint (SPEC.md §6)."""
+"""`eval`, `wsol` and `make-cub-demo`: evaluate a trained checkpoint (docs/evaluation.md)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Evaluate a checkpoint on its recipe's validation split; log to its MLflow "
         "run and print a table. All numbers are percentages.",
     )
-    ev.add_argument("--checkpoint", required=True, help="model_final.pt, run or checkpoint folder")
+    ev.add_argument(
+        "--checkpoint", required=True, help="model_final.safetensors, run or checkpoint folder"
+    )
     ev.add_argument(
         "--suite",
         default=None,
@@ -41,7 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Weakly-supervised localisation of a checkpoint on a CUB-format dataset "
         "(wsolevaluation's metadata layout); numbers are percentages.",
     )
-    ws.add_argument("--checkpoint", required=True, help="model_final.pt, run or checkpoint folder")
+    ws.add_argument(
+        "--checkpoint", required=True, help="model_final.safetensors, run or checkpoint folder"
+    )
     ws.add_argument("--data", required=True, help="CUB root (metadata/<split>/*.txt inside)")
     ws.add_argument("--split", default="test", help="metadata split to score (default test)")
     ws.add_argument("--cam-threshold", type=float, default=0.15, help="for Top-1 / GT-known Loc")
@@ -68,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Evaluate, log and print the results table."""
-    from pipeline.evaluation.report import format_table
+    from pipeline.evaluation.report import results_table
     from pipeline.evaluation.run import evaluate_checkpoint, parse_suite
 
     suite_text = args.suite or DEFAULT_SUITE + (",ood" if args.ood_data else "")
@@ -80,7 +84,7 @@ def run_eval(args: argparse.Namespace) -> int:
         args.overrides,
         log_mlflow=not args.no_mlflow,
     )
-    print(format_table(results, f"evaluation of {args.checkpoint} (%)"))
+    print(results_table(results, f"evaluation of {args.checkpoint} (%)"))
     if run_id:
         print(f"logged to mlflow run {run_id}")
     return 0
@@ -88,7 +92,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_wsol(args: argparse.Namespace) -> int:
     """Localise, log and print the results table."""
-    from pipeline.evaluation.report import format_table
+    from pipeline.evaluation.report import results_table
     from pipeline.evaluation.run import localize_checkpoint
 
     scores, run_id = localize_checkpoint(
@@ -101,7 +105,7 @@ def run_wsol(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         log_mlflow=not args.no_mlflow,
     )
-    print(format_table(scores, f"WSOL of {args.checkpoint} on {args.data} ({args.split}, %)"))
+    print(results_table(scores, f"WSOL of {args.checkpoint} on {args.data} ({args.split}, %)"))
     if run_id:
         print(f"logged to mlflow run {run_id}")
     return 0

@@ -1,10 +1,10 @@
 """CUB images with their boxes for WSOL: wsolevaluation's test-time view of the data.
 
 The metadata is read by the data package (`pipeline.data.layouts.load_cub_metadata`, layout
-`ROOT/metadata/<split>/*.txt`, image ids relative to `ROOT`); this module adds the checks that
-localisation needs (every box inside its image, named by file and line; every image of the
-size the metadata states) and the transform of wsolevaluation: the whole image resized to a
-square (no crop) and its boxes scaled with it.
+`ROOT/metadata/<split>/*.txt`, image ids relative to `ROOT`), with the box checks localisation
+needs; this module adds the checks that every image has a box and the size the metadata states,
+and the transform of wsolevaluation: the whole image resized to a square (no crop) and its boxes
+scaled with it.
 """
 
 from __future__ import annotations
@@ -16,33 +16,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.data.layouts import CubRecord, load_cub_metadata
+from pipeline.data.layouts import load_cub_metadata
 from pipeline.errors import DataError
 from pipeline.evaluation.boxes import resize_box
 
-__all__ = ["CubBoxDataset", "check_boxes"]
-
-
-def check_boxes(root: str | Path, split: str, records: Sequence[CubRecord]) -> None:
-    """Every line of localization.txt must hold x0 ≤ x1, y0 ≤ y1 inside its image (w, h).
-
-    A box may end on the image's far edge (x1 = w), which exclusive-end converters write.
-    """
-    path = Path(root) / "metadata" / split / "localization.txt"
-    sizes = {Path(r.path).relative_to(root).as_posix(): r.size for r in records}
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        image_id, *coords = (part.strip() for part in line.split(","))
-        x0, y0, x1, y1 = (float(v) for v in coords)
-        if image_id not in sizes:
-            raise DataError(f"{path}:{lineno}: image '{image_id}' is not in image_ids.txt")
-        w, h = sizes[image_id]
-        if not (0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h):
-            raise DataError(
-                f"{path}:{lineno}: box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) of '{image_id}' is not "
-                f"inside its {w}x{h} image"
-            )
+__all__ = ["CubBoxDataset"]
 
 
 class CubBoxDataset(torch.utils.data.Dataset):
@@ -56,8 +34,7 @@ class CubBoxDataset(torch.utils.data.Dataset):
         mean: Sequence[float],
         std: Sequence[float],
     ) -> None:
-        self.records = load_cub_metadata(root, split)
-        check_boxes(root, split, self.records)
+        self.records = load_cub_metadata(root, split, check_boxes=True)
         for record in self.records:
             if not record.boxes:
                 raise DataError(

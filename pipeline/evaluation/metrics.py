@@ -1,4 +1,4 @@
-"""Classification, calibration and OOD-detection metrics (SPEC.md §6), all in percent.
+"""Classification, calibration and OOD-detection metrics (docs/evaluation.md), all in percent.
 
 Library metrics come from torchmetrics (top-k accuracy, ECE, AuROC, average precision, ROC);
 only the two detection accuracies are written here, because no library defines them: both are
@@ -14,11 +14,11 @@ from torchmetrics.functional.classification import (
     binary_auroc,
     binary_average_precision,
     binary_roc,
-    multiclass_accuracy,
     multiclass_calibration_error,
 )
 
 __all__ = [
+    "TopKErrors",
     "detection_accuracy_at",
     "detection_accuracy_best",
     "expected_calibration_error",
@@ -34,22 +34,38 @@ def _valid(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, to
     return logits[keep].float(), labels[keep].long()
 
 
+class TopKErrors:
+    """Top-k error (%) accumulated over batches; padded samples (label −1) do not count. Under
+    DDP, torchmetrics sums the counts over ranks at `compute()`. k is capped at the number of
+    classes but keeps its key (k = 5 on a 3-class set is top-3)."""
+
+    def __init__(
+        self, num_classes: int, ks: tuple[int, ...] = (1, 5), device: torch.device | None = None
+    ) -> None:
+        from torchmetrics.classification import MulticlassAccuracy
+
+        self.accuracy = {
+            k: MulticlassAccuracy(
+                num_classes, top_k=min(k, num_classes), average="micro", ignore_index=-1
+            ).to(device or "cpu")
+            for k in ks
+        }
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        for metric in self.accuracy.values():
+            metric.update(logits, labels)
+
+    def compute(self) -> dict[int, float]:
+        return {k: 100.0 * (1.0 - float(m.compute())) for k, m in self.accuracy.items()}
+
+
 def topk_errors(
     logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)
 ) -> dict[int, float]:
-    """Top-k error (%) for each k (k capped at the number of classes)."""
-    logits, labels = _valid(logits, labels)
-    num_classes = logits.shape[1]
-    return {
-        k: 100.0
-        * (
-            1.0
-            - multiclass_accuracy(
-                logits, labels, num_classes=num_classes, top_k=min(k, num_classes), average="micro"
-            ).item()
-        )
-        for k in ks
-    }
+    """Top-k error (%) of one set of logits, for each k (see `TopKErrors`)."""
+    errors = TopKErrors(logits.shape[1], ks, logits.device)
+    errors.update(logits.float(), labels.long())
+    return errors.compute()
 
 
 def expected_calibration_error(

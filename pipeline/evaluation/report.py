@@ -7,17 +7,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pipeline.config import Recipe
+    from pipeline.recipe import Recipe
 
-__all__ = ["format_table", "log_results"]
+__all__ = ["log_results", "results_table"]
 
 
-def format_table(results: dict[str, float], title: str) -> str:
-    """A two-column text table of metric names and values (percent, two decimals)."""
-    width = max([len(k) for k in results] + [len("metric")])
-    lines = [title, f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
-    lines += [f"{key:<{width}}  {value:6.2f}" for key, value in results.items()]
-    return "\n".join(lines)
+def results_table(results: dict[str, float], title: str) -> str:
+    """The title, then a table of metric names and values (percent, two decimals)."""
+    from pipeline.runs.table import cell, format_table
+
+    rows = [[key, cell(value, ".2f")] for key, value in results.items()]
+    return title + "\n" + format_table(["metric", "value"], rows)
 
 
 def _existing_run(run_id: str | None) -> str | None:
@@ -50,7 +50,7 @@ def log_results(
     """
     import mlflow
 
-    from pipeline.training.tracking import experiment_id, resolve_tracking_uri
+    from pipeline.runs.tracking import experiment_id, resolve_tracking_uri
 
     uri = resolve_tracking_uri(recipe.tracking.tracking_uri)
     mlflow.set_tracking_uri(uri)

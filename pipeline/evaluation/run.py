@@ -15,15 +15,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.config import Recipe, apply_overrides
+from pipeline.data.augment import unnormalize
 from pipeline.errors import DataError, PipelineError
-from pipeline.evaluation.attacks import fgsm, pgd, pixel_model, unnormalize
+from pipeline.evaluation.attacks import fgsm, pgd, pixel_model
 from pipeline.evaluation.metrics import (
     expected_calibration_error,
     max_softmax,
     ood_metrics,
     topk_errors,
 )
+from pipeline.recipe import Recipe, apply_overrides
 
 __all__ = [
     "ATTACKS",
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 SUITES = ("classify", "calibration", "fgsm", "pgd", "ood")
-# SPEC.md §6 (PuzzleMix's protocol): ε, step and iterations on [0, 1] pixels.
+# docs/evaluation.md (PuzzleMix's protocol): ε, step and iterations on [0, 1] pixels.
 ATTACKS = {
     "fgsm": {"eps": 8 / 255},
     "pgd": {"eps": 4 / 255, "step": 2 / 255, "iterations": 20, "random_start": True},
@@ -151,7 +152,7 @@ def evaluate_checkpoint(
     from pipeline.data import build_loaders
     from pipeline.evaluation.ood_data import OodFolder, find_images, ood_sets
     from pipeline.evaluation.report import log_results
-    from pipeline.training.checkpoint import load_model
+    from pipeline.runs.model_file import load_model
 
     if "ood" in suite and not ood_folders:
         raise PipelineError("--suite ood: give at least one --ood-data folder")
@@ -276,7 +277,7 @@ def localize_checkpoint(
     """Load, compute CAMs over a CUB split, score them, log with overlays; → (scores, run id)."""
     from pipeline.evaluation.cub_data import CubBoxDataset
     from pipeline.evaluation.report import log_results
-    from pipeline.training.checkpoint import load_model
+    from pipeline.runs.model_file import load_model
 
     model, recipe, extra = load_model(checkpoint)
     recipe = apply_overrides(recipe, tuple(overrides), f"{checkpoint} recipe")

@@ -1,4 +1,4 @@
-"""Class activation maps and the WSOL scores of wsolevaluation (SPEC.md §6), in percent.
+"""Class activation maps and the WSOL scores of wsolevaluation (docs/evaluation.md), in percent.
 
 CAM of class k: Σ_c w_k,c A_c over the last feature tensor A (no bias, as wsolevaluation),
 resized to the image with bicubic interpolation (wsolevaluation uses cv2.INTER_CUBIC) and

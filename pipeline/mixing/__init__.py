@@ -4,6 +4,7 @@ from pipeline.mixing.align import align, align_features, align_mix
 from pipeline.mixing.basic import (
     MixSample,
     cutmix,
+    cutmix_box,
     input_mixup,
     mix,
     mixed_cross_entropy,
@@ -18,6 +19,7 @@ __all__ = [
     "align_features",
     "align_mix",
     "cutmix",
+    "cutmix_box",
     "input_mixup",
     "mix",
     "mixed_cross_entropy",

@@ -1,4 +1,4 @@
-"""Aligned mixing of feature tensors, AlignMixup eq. 11/12 (SPEC.md §3).
+"""Aligned mixing of feature tensors, AlignMixup eq. 11/12 (docs/mixing.md).
 
 The plan is computed under no_grad on detached float32 features, so gradients reach `a` and
 `a_partner` only through the alignment matmul and the mix. Under autocast that matmul runs
@@ -8,12 +8,12 @@ that dtype's rounding (relative 2^-8 for bf16, 2^-11 for fp16) of the features' 
 
 from __future__ import annotations
 
-from numbers import Real
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from pipeline.mixing.basic import check_lam
 from pipeline.mixing.sinkhorn import sinkhorn, squared_cost
 
 __all__ = ["align", "align_features", "align_mix"]
@@ -106,9 +106,7 @@ def align_mix(
     """
     _check_pair(a, a_partner)
     _check_direction(direction)
-    if not isinstance(lam, Real) or not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam must be a number in [0, 1], got {lam!r}")
-    lam = float(lam)
+    lam = check_lam(lam)
     aligned = _aligned(a, a_partner, align(a, a_partner, mode, eps, max_iter), direction)
     # Mixed in place into the fresh aligned tensor: one (B, c, h, w) buffer, not three.
     if direction == 0:

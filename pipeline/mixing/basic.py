@@ -1,17 +1,26 @@
-"""Plain mixing: λ and partner sampling, input mixup, CutMix and the mixed loss (SPEC.md §1–2)."""
+"""Plain mixing: λ and partner sampling, input mixup, CutMix and the mixed loss (docs/mixing.md)."""
 
 from __future__ import annotations
 
+import math
 from numbers import Real
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.data.mixup import cutmix_bbox_and_lam
 from torch import Tensor
 
-__all__ = ["MixSample", "cutmix", "input_mixup", "mix", "mixed_cross_entropy", "sample_mix"]
+__all__ = [
+    "MixSample",
+    "check_lam",
+    "cutmix",
+    "cutmix_box",
+    "input_mixup",
+    "mix",
+    "mixed_cross_entropy",
+    "sample_mix",
+]
 
 
 class MixSample(NamedTuple):
@@ -21,7 +30,7 @@ class MixSample(NamedTuple):
     perm: Tensor  # (B,) int64, a permutation of range(B)
 
 
-def _check_lam(lam: float) -> float:
+def check_lam(lam: float) -> float:
     """Return lam as a float, or raise ValueError unless it is a number in [0, 1]."""
     if not isinstance(lam, Real) or not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be a number in [0, 1], got {lam!r}")
@@ -73,7 +82,7 @@ def sample_mix(
 
 def mix(a: Tensor, b: Tensor, lam: float) -> Tensor:
     """λa + (1−λ)b for tensors of one shape."""
-    lam = _check_lam(lam)
+    lam = check_lam(lam)
     if a.shape != b.shape:
         raise ValueError(
             f"mix expects tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}"
@@ -87,27 +96,47 @@ def input_mixup(x: Tensor, perm: Tensor, lam: float) -> Tensor:
     return mix(x, x[perm], lam)
 
 
-def cutmix(x: Tensor, perm: Tensor, lam: float) -> tuple[Tensor, float]:
-    """CutMix on (B, C, H, W): a box of area ≈ (1−λ)HW from x[π]; returns (mixed, λ of the box).
+def cutmix_box(
+    height: int, width: int, lam: float, generator: torch.Generator | None = None
+) -> tuple[int, int, int, int]:
+    """The CutMix authors' box `(y0, y1, x0, x1)` for an image of `height` × `width`.
 
-    The box comes from timm (`cutmix_bbox_and_lam`, which draws its centre from numpy's global
-    RNG, also saved by Accelerate); the returned λ is corrected to 1 − box area / HW.
+    As their `rand_bbox` (clovaai/CutMix-PyTorch): cut sides `int(H·√(1−λ))`, `int(W·√(1−λ))`,
+    a centre drawn uniformly over the pixels (here from `generator`), `cut // 2` on each side of
+    it (so an odd cut loses a pixel), clipped to the image.
     """
-    lam = _check_lam(lam)
+    ratio = math.sqrt(1.0 - check_lam(lam))
+    cut_h, cut_w = int(height * ratio), int(width * ratio)
+    cy = int(torch.randint(height, (1,), generator=generator))
+    cx = int(torch.randint(width, (1,), generator=generator))
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+    return y0, y1, x0, x1
+
+
+def cutmix(
+    x: Tensor, perm: Tensor, lam: float, generator: torch.Generator | None = None
+) -> tuple[Tensor, float]:
+    """CutMix on (B, C, H, W): the box of `cutmix_box` pasted from x[π]; → (mixed, λ of the box).
+
+    The returned λ is 1 − box area / HW, the share of each image that is still its own.
+    """
+    lam = check_lam(lam)
     if x.dim() != 4:
         raise ValueError(f"cutmix expects a 4-D (B, C, H, W) batch, got shape {tuple(x.shape)}")
     _check_perm(perm, x.shape[0])
-    (y0, y1, x0, x1), lam_box = cutmix_bbox_and_lam(x.shape, lam, correct_lam=True)
+    height, width = x.shape[-2:]
+    y0, y1, x0, x1 = cutmix_box(height, width, lam, generator)
     mixed = x.clone()
     mixed[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
-    return mixed, float(lam_box)
+    return mixed, 1.0 - (y1 - y0) * (x1 - x0) / (height * width)
 
 
 def mixed_cross_entropy(
     logits: Tensor, y: Tensor, perm: Tensor, lam: float, label_smoothing: float = 0.0
 ) -> Tensor:
     """λ·CE(logits, y) + (1−λ)·CE(logits, y[π]), each a batch mean."""
-    lam = _check_lam(lam)
+    lam = check_lam(lam)
     _check_perm(perm, y.shape[0])
     if logits.dim() != 2 or logits.shape[0] != y.shape[0]:
         raise ValueError(

@@ -1,4 +1,4 @@
-"""Squared-distance costs and a batched log-domain Sinkhorn solver (SPEC.md §3).
+"""Squared-distance costs and a batched log-domain Sinkhorn solver (docs/mixing.md).
 
 Written by hand: POT and geomloss solve the same problem, but neither reproduces the
 AlignMixup authors' stopping rule bit for bit, batches the small r×r problems of a whole

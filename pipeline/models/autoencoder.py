@@ -1,6 +1,6 @@
 """AlignMixup/AE: an embedding `e = f(A)`, a classifier on `e`, and a residual decoder `D(e)`.
 
-Our design (SPEC.md §4 leaves it open; documented in docs/models.md):
+Our design (the paper leaves it open; documented in docs/models.md):
 - `f`: 1×1 convolution `c → E` + BatchNorm + ReLU on `A`. `e` keeps `A`'s grid, so it is a
   vector of `d = E·h·w` numbers (E = 1024 and d = 50,176 for ResNet-50 at 224 px); the decoder can
   then work at any input size that is a multiple of the backbone's stride.

@@ -1,7 +1,7 @@
-"""timm backbones split into levels so that hooks can mix at the input, after any stage, or at `A`.
+"""timm backbones split into levels, so that methods can mix at the input, after a stage, or at A.
 
 Level 0 is the input image, level k the output of stage k, level L the last feature tensor
-`A` (B, c, h, w). The classifier `g` is global average pooling and a linear layer (SPEC.md §1).
+`A` (B, c, h, w). The classifier `g` is global average pooling and a linear layer (docs/models.md).
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """Time one full training step per method, interleaved, on a synthetic batch already on the device.
 
-Each method gets its own model (with the decoder for AlignMixup/AE), hook and SGD optimiser, as
-the trainer would build them. After warm-up, every repetition runs one step of each method in
-turn (round-robin), so clock drift, thermal throttling and other load hit all methods alike and
-the ratios stay fair. Stochastic hooks (AlignMixup picks input or aligned mixing per batch, the
-AE trains its decoder on 1/5 of the batches) draw from a seeded generator as in training, so
-many steps reflect their real mix.
+Each method gets its own model (with what the method needs, e.g. the AE's decoder) and optimiser,
+built as the trainer builds them, and runs the trainer's own `train_step` under an Accelerator
+of the profiled precision: the profiled step is the trained one. After warm-up, every
+repetition runs one step of each method in turn (round-robin), so clock drift, thermal
+throttling and other load hit all methods alike and the ratios stay fair. Stochastic methods
+(AlignMixup picks input or aligned mixing per batch, the AE trains its decoder on 1/5 of the
+batches) draw from per-step generators as in training, so many steps reflect their real mix.
 """
 
 from __future__ import annotations
@@ -14,15 +15,13 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 
-from pipeline.config import Recipe
 from pipeline.errors import PipelineError
-
-ALIGNED_METHODS = ("alignmixup", "alignmixup_ae", "alignmixup_or_cutmix")
-AMP_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from pipeline.methods import Method
+from pipeline.methods.alignmixup import AlignSettings
+from pipeline.recipe import Recipe
 
 
 @dataclass
@@ -47,65 +46,82 @@ class Settings:
 
 @dataclass
 class Bench:
-    """One method's model, hook, optimiser and the step that trains it once."""
+    """One method's model and optimiser, and the step that trains it once."""
 
-    method: str
+    name: str
     params: int
     step: Callable[[], None]
-    hook: Any
+    method: Method
     model: torch.nn.Module
     recipe: Recipe
     times_ms: list[float] = field(default_factory=list)
 
 
 def recipe_for(method: str, s: Settings) -> Recipe:
-    """The default recipe (plus overrides) for `method`, at the profiled settings."""
-    from pipeline.config import load_recipe
+    """The default recipe for `method` at the profiled settings, then the user's overrides."""
+    from pipeline.recipe import load_recipe
 
-    recipe = load_recipe(None, s.overrides)  # the fields below validate on assignment
-    recipe.method.name = method
-    recipe.model.name = s.model
-    recipe.model.channels_last = s.channels_last
-    recipe.model.compile = s.compile
-    recipe.train.amp = s.amp
-    recipe.train.seed = s.seed
-    return recipe
+    profiled = [
+        f"method.name={method}",
+        f"model.name={s.model}",
+        f"model.channels_last={s.channels_last}",
+        f"model.compile={s.compile}",
+        f"train.amp={s.amp}",
+        f"train.seed={s.seed}",
+    ]
+    return load_recipe(None, [*profiled, *s.overrides])
 
 
-def build_bench(method: str, s: Settings, images: torch.Tensor, labels: torch.Tensor) -> Bench:
-    """Model, hook and optimiser for `method`, and a closure running one training step."""
-    from pipeline.hooks import build_model_and_hook
+def accelerator_for(s: Settings):
+    """The Accelerator the trainer would use at this precision, on the profiled device."""
+    from accelerate import Accelerator
+
+    device = torch.device(s.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    try:
+        return Accelerator(mixed_precision=s.amp, cpu=device.type == "cpu")
+    except ValueError as exc:  # e.g. fp16 on a CPU, or a process already set to another amp
+        raise PipelineError(f"--amp {s.amp} on {s.device}: {exc}") from None
+
+
+def build_bench(
+    accelerator, method: str, s: Settings, images: torch.Tensor, labels: torch.Tensor
+) -> Bench:
+    """Model and optimiser for `method`, and a closure running one `train_step`."""
+    from pipeline.methods import build_method
     from pipeline.models import count_parameters
     from pipeline.training.optim import build_optimizer
-    from pipeline.training.trainer import HookRunner
+    from pipeline.training.step import MethodRunner, step_generator, train_step
 
     recipe = recipe_for(method, s)
-    device = images.device
-    model, hook = build_model_and_hook(recipe, s.num_classes)
+    chosen = build_method(recipe.method, recipe.optim.label_smoothing)
+    model = chosen.build_model(recipe.model, s.num_classes)
     params = count_parameters(model)
-    model.to(
-        device, memory_format=torch.channels_last if s.channels_last else torch.preserve_format
-    )
-    model.train()
+    if s.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     # The trainer's own wrapper (and its torch.compile), so the profiled step is the trained one.
-    runner = HookRunner(model, hook)
+    runner = MethodRunner(model, chosen)
     if s.compile:
         runner = torch.compile(runner)
     # A small lr keeps random-label training finite; it does not change the step's cost.
-    optimizer = build_optimizer(recipe.optim, model, lr=1e-3)
-    dtype = AMP_DTYPES[s.amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=s.amp == "fp16")
-    rng = torch.Generator().manual_seed(s.seed)
+    runner, optimizer = accelerator.prepare(runner, build_optimizer(recipe.optim, model, lr=1e-3))
+    steps = iter(range(1 << 62))
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss, _, _ = runner(images, labels, rng)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        rng = step_generator(s.seed, next(steps))
+        train_step(
+            accelerator,
+            runner,
+            optimizer,
+            images,
+            labels,
+            rng,
+            recipe.optim.grad_clip,
+            recipe.model.channels_last,
+        )
 
-    return Bench(method, params, step, hook, model, recipe)
+    return Bench(method, params, step, chosen, model, recipe)
 
 
 def _sync(device: torch.device) -> None:
@@ -141,23 +157,20 @@ def _median_ms(fn: Callable[[], object], device: torch.device, reps: int) -> flo
     return statistics.median(times)
 
 
-def alignment_split(bench: Bench, images: torch.Tensor, s: Settings) -> dict[str, float]:
+def alignment_split(
+    accelerator, bench: Bench, images: torch.Tensor, s: Settings
+) -> dict[str, float]:
     """Median ms per call of the whole aligned mix and of its Sinkhorn solve alone.
 
-    The hooks time `align` as one section; this splits it, on the same `A` (this model, train
+    The methods time `align` as one section; this splits it, on the same `A` (this model, train
     mode, under the step's autocast) and a partner batch rolled by one, so both numbers share
     their input and the Sinkhorn share of the alignment is meaningful.
     """
     from pipeline.mixing import align_mix, sinkhorn, squared_cost
 
-    m = bench.recipe.method
-    solver = {"mode": m.sinkhorn, "eps": m.sinkhorn_eps, "max_iter": m.sinkhorn_max_iter}
-    dtype = AMP_DTYPES[s.amp]
+    solver = bench.recipe.method.solver()
     device = images.device
-    with (
-        torch.no_grad(),
-        torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
-    ):
+    with torch.no_grad(), accelerator.autocast():
         a = bench.model.features(images)
         partner = a.roll(1, dims=0)
         flat = a.flatten(2).transpose(1, 2)  # (B, r, c)
@@ -186,11 +199,11 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
 def _record(bench: Bench, s: Settings, baseline_ms: float | None, split: dict) -> dict:
     """One method's JSON record (see docs/profiling.md for the fields)."""
     q1, median, q3 = _quartiles(bench.times_ms)
-    timer = bench.hook.timer
+    timer = bench.method.timer
     per_step = {name: total / s.steps for name, total in sorted(timer.totals_ms.items())}
     per_call = {name: timer.totals_ms[name] / timer.counts[name] for name in sorted(timer.counts)}
     record = {
-        "method": bench.method,
+        "method": bench.name,
         "params": bench.params,
         "msec_per_batch": median,
         "msec_iqr": q3 - q1,
@@ -221,15 +234,17 @@ def run_profile(s: Settings, log: Callable[[str], None] = print) -> list[dict]:
 
 
 def _measure(s: Settings, log: Callable[[str], None]) -> list[dict]:
-    from pipeline.config import METHODS
+    from pipeline.methods import method_names
 
-    unknown = [m for m in s.methods if m not in METHODS]
+    known = method_names()
+    unknown = [m for m in s.methods if m not in known]
     if unknown or not s.methods:
         raise PipelineError(
-            f"--methods: unknown {unknown or s.methods}; choose from {', '.join(METHODS)}"
+            f"--methods: unknown {unknown or s.methods}; choose from {', '.join(known)}"
         )
+    accelerator = accelerator_for(s)
     torch.manual_seed(s.seed)
-    device = torch.device(s.device)
+    device = accelerator.device
     images = torch.randn(s.batch, 3, s.size, s.size, device=device)
     if s.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -238,27 +253,28 @@ def _measure(s: Settings, log: Callable[[str], None]) -> list[dict]:
     benches = []
     for method in s.methods:
         log(f"building {method} ({s.model}, {s.size} px, batch {s.batch}, {s.device})")
-        benches.append(build_bench(method, s, images, labels))
+        benches.append(build_bench(accelerator, method, s, images, labels))
 
-    # A hook's sections synchronise the GPU, which would inflate the step times; there they are
+    # A method's sections synchronise the GPU, which would inflate the step times; there they are
     # measured in a pass of their own. On a CPU a sync is a no-op, so one pass serves both.
     separate_hook_pass = device.type == "cuda"
     log(f"warm-up: {s.warmup} step(s) per method")
     _round_robin(benches, device, s.warmup, record=False)
     for bench in benches:
-        bench.hook.timer.enabled = not separate_hook_pass
+        bench.method.timer.enabled = not separate_hook_pass
     log(f"timing: {s.steps} step(s) per method, interleaved")
     _round_robin(benches, device, s.steps, record=True)
     if separate_hook_pass:
         for bench in benches:
-            bench.hook.timer.enabled = True
+            bench.method.timer.enabled = True
         log(f"hook sections: {s.steps} more step(s) per method")
         _round_robin(benches, device, s.steps, record=False)
 
-    baseline = next((b for b in benches if b.method == "baseline"), None)
+    baseline = next((b for b in benches if b.name == "baseline"), None)
     baseline_ms = statistics.median(baseline.times_ms) if baseline else None
     records = []
     for bench in benches:
-        split = alignment_split(bench, images, s) if bench.method in ALIGNED_METHODS else {}
+        aligns = isinstance(bench.recipe.method, AlignSettings)
+        split = alignment_split(accelerator, bench, images, s) if aligns else {}
         records.append(_record(bench, s, baseline_ms, split))
     return records

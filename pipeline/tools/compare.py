@@ -58,8 +58,9 @@ def compare(
     experiment: str, output_dir: Path, tracking_uri: str | None = None, log: bool = True
 ) -> dict[str, Path]:
     """Build the table and plots for `experiment`; returns the written files by kind."""
-    from pipeline.tools import compare_plots, runs_table, store
-    from pipeline.training.tracking import resolve_tracking_uri
+    from pipeline.runs import store
+    from pipeline.runs.tracking import resolve_tracking_uri
+    from pipeline.tools import compare_plots, runs_table
 
     uri = resolve_tracking_uri(tracking_uri)
     client, exp = store.open_experiment(experiment, uri)

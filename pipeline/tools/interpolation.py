@@ -8,10 +8,10 @@ Rows, each decoded through `model.embed` and `model.decode`:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
-
-from pipeline.config import MethodConfig
 
 LAMBDAS = (1.0, 0.75, 0.5, 0.25, 0.0)  # left to right: from A towards A'
 ROWS = (
@@ -26,33 +26,21 @@ def decoded_interpolations(
     model: torch.nn.Module,
     image_a: Tensor,
     image_b: Tensor,
-    method: MethodConfig,
+    solver: dict[str, Any],
     lambdas: tuple[float, ...] = LAMBDAS,
 ) -> Tensor:
     """(len(ROWS), len(lambdas), 3, H, W) decoded images, in the model's normalised pixel space.
 
     `image_a`, `image_b` are (3, H, W) normalised images; the model must be an AE model in eval
-    mode. The transport plan uses the recipe's Sinkhorn mode, ε and iteration cap.
+    mode. `solver` holds the recipe's Sinkhorn mode, ε and iteration cap (`AlignSettings.solver()`).
     """
     from pipeline.mixing import align_features, mix
 
     feats = model.features(torch.stack([image_a, image_b]))
     a, a_partner = feats[:1], feats[1:]
-    solver = {
-        "mode": method.sinkhorn,
-        "eps": method.sinkhorn_eps,
-        "max_iter": method.sinkhorn_max_iter,
-    }
     a_partner_aligned = align_features(a, a_partner, direction=0, **solver)  # Ã = A'Rᵀ
     a_aligned = align_features(a, a_partner, direction=1, **solver)  # Ã' = AR
     pairs = ((a, a_partner), (a, a_partner_aligned), (a_aligned, a_partner))
     mixed = torch.cat([mix(first, second, lam) for first, second in pairs for lam in lambdas])
     decoded = model.decode(model.embed(mixed))
     return decoded.view(len(pairs), len(lambdas), *decoded.shape[1:])
-
-
-def unnormalize(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
-    """Normalised (..., 3, H, W) images back to [0, 1] pixels for display."""
-    m = torch.tensor(mean, dtype=images.dtype).view(3, 1, 1)
-    s = torch.tensor(std, dtype=images.dtype).view(3, 1, 1)
-    return (images * s + m).clamp(0.0, 1.0)

@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--warmup", type=int, help="untimed steps per method first" + _defaults("warmup")
     )
-    p.add_argument("--methods", help="comma-separated (default: all seven)")
+    p.add_argument("--methods", help="comma-separated (default: every registered method)")
     p.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
@@ -84,8 +84,9 @@ def settings_from_args(args: argparse.Namespace):
     """Command-line options over the defaults of the device in use."""
     import torch
 
-    from pipeline.config import METHODS, load_recipe
     from pipeline.errors import PipelineError
+    from pipeline.methods import method_names
+    from pipeline.recipe import load_recipe
     from pipeline.tools.benchmark import Settings
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -108,7 +109,9 @@ def settings_from_args(args: argparse.Namespace):
         raise PipelineError(f"--warmup must be at least 0, got {chosen['warmup']}")
     load_recipe(None, args.set)  # a bad override fails here, naming the key, before any work
     methods = (
-        [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
+        [m.strip() for m in args.methods.split(",") if m.strip()]
+        if args.methods
+        else method_names()
     )
     return Settings(
         methods=methods,
@@ -121,19 +124,15 @@ def settings_from_args(args: argparse.Namespace):
     )
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
-
-
 def _sections(record: dict) -> str:
-    """The hook's sections as `name ms/step`, e.g. `align 3.1, mix 0.2`."""
+    """The method's sections as `name ms/step`, e.g. `align 3.1, mix 0.2`."""
     parts = record["hook_sections_msec_per_step"].items()
     return ", ".join(f"{name} {ms:.2f}" for name, ms in parts) or "–"
 
 
 def format_table(records: list[dict]) -> str:
     """The records as a Markdown table; times in ms, the hook's per step, the split per call."""
-    from pipeline.tools.runs_table import markdown_table
+    from pipeline.runs.table import cell, format_table
 
     headers = [
         "method",
@@ -149,23 +148,23 @@ def format_table(records: list[dict]) -> str:
     ]
     rows = []
     for r in records:
-        sinkhorn = _fmt(r.get("sinkhorn_msec_per_call"), ".2f")
+        sinkhorn = cell(r.get("sinkhorn_msec_per_call"), ".2f")
         if "sinkhorn_iterations" in r:
             sinkhorn += f" ({r['sinkhorn_iterations']})"
         cells = [
             r["method"],
             f"{r['params'] / 1e6:.2f}M",
-            _fmt(r["msec_per_batch"], ".1f"),
-            _fmt(r["msec_iqr"], ".1f"),
-            _fmt(r["images_per_s"], ".1f"),
-            _fmt(r["ratio_to_baseline"], ".3f"),
-            _fmt(r["hook_msec"], ".2f"),
+            cell(r["msec_per_batch"], ".1f"),
+            cell(r["msec_iqr"], ".1f"),
+            cell(r["images_per_s"], ".1f"),
+            cell(r["ratio_to_baseline"], ".3f"),
+            cell(r["hook_msec"], ".2f"),
             _sections(r),
-            _fmt(r.get("align_mix_msec_per_call"), ".2f"),
+            cell(r.get("align_mix_msec_per_call"), ".2f"),
             sinkhorn,
         ]
         rows.append(cells)
-    return markdown_table(headers, rows)
+    return format_table(headers, rows)
 
 
 def describe(settings) -> str:
@@ -183,8 +182,8 @@ def log_to_mlflow(records: list[dict], table: str, settings, experiment: str, ur
     import tempfile
     from dataclasses import asdict
 
-    from pipeline.tools.store import open_client
-    from pipeline.training.tracking import experiment_id
+    from pipeline.runs.store import open_client
+    from pipeline.runs.tracking import experiment_id
 
     client = open_client(uri)
     exp_id = experiment_id(experiment, uri)
@@ -207,8 +206,8 @@ def log_to_mlflow(records: list[dict], table: str, settings, experiment: str, ur
 
 def run_command(args: argparse.Namespace) -> int:
     """CLI entry: measure, print the table, write JSON, log to MLflow."""
+    from pipeline.runs.tracking import resolve_tracking_uri
     from pipeline.tools.benchmark import run_profile
-    from pipeline.training.tracking import resolve_tracking_uri
 
     settings = settings_from_args(args)
     records = run_profile(settings)

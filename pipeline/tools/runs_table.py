@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import csv
 import io
-import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import METHODS
+from pipeline.runs.table import cell, format_table
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -78,14 +76,15 @@ def run_row(run: Run) -> dict[str, Any]:
     return row
 
 
-def _method_rank(method: str) -> int:
-    return METHODS.index(method) if method in METHODS else len(METHODS)
-
-
 def build_rows(runs: list[Run]) -> list[dict[str, Any]]:
-    """Rows for every run except compare runs, in the paper's method order, then oldest first."""
+    """Rows for every run except compare runs, in the registry's method order (the paper's),
+    then oldest first; runs of methods not registered here come last."""
+    from pipeline.methods import method_names
+
+    order = method_names()
     rows = [run_row(r) for r in runs if not is_compare_run(r)]
-    return sorted(rows, key=lambda r: _method_rank(r["method"]))  # stable: keeps start order
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(rows, key=lambda r: rank.get(r["method"], len(order)))  # stable sort
 
 
 def _ood_names(rows: list[dict[str, Any]]) -> list[str]:
@@ -106,26 +105,15 @@ def columns_for(rows: list[dict[str, Any]]) -> list[Column]:
 
 def format_value(key: str, value: Any) -> str:
     """A cell for Markdown: parameter counts in millions, numbers to 4 significant digits."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if key == "num_params":
+    if key == "num_params" and value is not None:
         return f"{value / 1e6:.2f}M"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def markdown_table(headers: list[str], rows: Iterable[Iterable[str]]) -> str:
-    """A GitHub-flavoured Markdown table of ready-formatted cells."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return cell(value) if value is None or isinstance(value, float) else str(value)
 
 
 def to_markdown(rows: list[dict[str, Any]], columns: list[Column]) -> str:
     """The comparison as a Markdown table."""
     cells = ([format_value(c.key, row.get(c.key)) for c in columns] for row in rows)
-    return markdown_table([c.header for c in columns], cells)
+    return format_table([c.header for c in columns], cells)
 
 
 def to_csv(rows: list[dict[str, Any]], columns: list[Column]) -> str:

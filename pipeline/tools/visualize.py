@@ -34,7 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, type=Path, help="model_final.pt or run folder")
+    p.add_argument(
+        "--checkpoint", required=True, type=Path, help="model_final.safetensors or run folder"
+    )
     p.add_argument("--images", required=True, nargs=2, type=Path, metavar=("A", "B"))
     p.add_argument("--output", type=Path, help="PNG path (default: interpolations.png beside it)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the PNG to the run")
@@ -99,8 +101,8 @@ def render_grid(
 
 def log_to_run(path: Path, run_id: str | None, tracking_uri: str | None) -> str:
     """Attach the PNG to the checkpoint's MLflow run if it can be found; says what happened."""
-    from pipeline.tools.store import open_client, store_exists
-    from pipeline.training.tracking import resolve_tracking_uri
+    from pipeline.runs.store import open_client, store_exists
+    from pipeline.runs.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     if not run_id or not store_exists(uri):
@@ -124,19 +126,20 @@ def visualize(
     log: bool = True,
 ) -> Path:
     """Load, decode and draw the grid; attach it to the checkpoint's MLflow run if `log`."""
-    from pipeline.tools.interpolation import decoded_interpolations, unnormalize
-    from pipeline.training.checkpoint import load_model
+    from pipeline.data.augment import unnormalize
+    from pipeline.runs.model_file import load_model
+    from pipeline.tools.interpolation import decoded_interpolations
 
     checkpoint = Path(checkpoint)
     model, recipe, extra = load_model(checkpoint)
-    if not getattr(model, "has_decoder", False):
+    if not extra["has_decoder"]:
         raise CheckpointError(
             f"{checkpoint}: method {recipe.method.name!r} has no decoder; "
             "visualize needs an alignmixup_ae checkpoint"
         )
     cfg = recipe.data
     x_a, x_b = load_image(Path(image_a), cfg), load_image(Path(image_b), cfg)
-    decoded = decoded_interpolations(model, x_a, x_b, recipe.method)
+    decoded = decoded_interpolations(model, x_a, x_b, recipe.method.solver())
     shown = [unnormalize(t, cfg.mean, cfg.std) for t in (decoded, x_a, x_b)]
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
     path = render_grid(

@@ -1,6 +1,8 @@
-"""Training: the Accelerate trainer, checkpoints, optimisers and MLflow tracking.
+"""Training: the loop (trainer), the one training step, optimisers and schedules, preemption.
 
-The trainer is imported on first use, so `python -m pipeline --help` stays quick.
+What every command shares about a run (checkpoints, the model file, MLflow) is in
+`pipeline.runs`. The trainer is imported on first use, so `python -m pipeline --help` stays
+quick.
 """
 
 from __future__ import annotations
@@ -8,16 +10,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipeline.training.trainer import RunSummary, Trainer, summary_table
+    from pipeline.training.summary import RunSummary, summary_table
+    from pipeline.training.trainer import Trainer
 
 __all__ = ["RunSummary", "Trainer", "summary_table", "train"]
 
+_LAZY = {"Trainer": "trainer", "RunSummary": "summary", "summary_table": "summary"}
+
 
 def __getattr__(name: str) -> Any:
-    if name in {"RunSummary", "Trainer", "summary_table"}:
-        from pipeline.training import trainer
+    if name in _LAZY:
+        import importlib
 
-        return getattr(trainer, name)
+        return getattr(importlib.import_module(f"pipeline.training.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'pipeline.training' has no attribute {name!r}")
 
 

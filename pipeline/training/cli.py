@@ -7,13 +7,13 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one recipe (resumes automatically)")
-    p.add_argument("--recipe", required=True, help="YAML recipe, e.g. recipes/demo_baseline.yaml")
+    p.add_argument("--recipe", required=True, help="YAML recipe, e.g. recipes/demo/baseline.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.config import load_recipe
+    from pipeline.recipe import load_recipe
     from pipeline.training import Trainer, summary_table
     from pipeline.training.preempt import EXIT_PREEMPTED
 

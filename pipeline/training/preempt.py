@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.training.distributed import any_rank
+
 EXIT_PREEMPTED = 3
 STOP_FILE = "PREEMPT"
 
@@ -39,12 +41,8 @@ class PreemptionWatch:
 
     def requested(self, accelerator) -> bool:
         """True on every rank if any rank was asked to stop."""
-        flag = torch.tensor(
-            float(self.signalled or self.stop_file.exists()), device=accelerator.device
-        )
-        if accelerator.num_processes > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        asked = torch.tensor(self.signalled or self.stop_file.exists())
+        return bool(any_rank(accelerator, asked))
 
     def clear(self) -> None:
         """Forget a stop request (the run has checkpointed and is about to exit)."""

@@ -1,73 +1,32 @@
-"""The trainer: Accelerate (DDP, AMP), a mixing hook, checkpoints, MLflow.
+"""The trainer: Accelerate (DDP, AMP), a mixing method, checkpoints, MLflow.
 
-It knows no method by name: the hook turns a batch into a loss. The loop avoids host-device
-syncs except at logging, checkpoint and preemption-check steps.
+It knows no method by name: the method turns a batch into a loss, and declares what it needs
+from the model. The loop avoids host-device syncs except at logging, checkpoint and
+preemption-check steps.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from pipeline.config import Recipe
 from pipeline.errors import CheckpointError, TrainingError
-from pipeline.hooks import Hook, build_hook
-from pipeline.models import MixNet, build_model, count_parameters
-from pipeline.training.checkpoint import (
-    FINAL_MODEL,
-    TrainerState,
-    latest_checkpoint,
-    read_state,
-    save_checkpoint,
-    save_final_model,
-)
+from pipeline.evaluation.metrics import TopKErrors
+from pipeline.methods import build_method
+from pipeline.models import MixNet, count_parameters
+from pipeline.recipe import Recipe
+from pipeline.runs.checkpoints import TrainerState, latest_checkpoint, read_state, save_checkpoint
+from pipeline.runs.model_file import FINAL_MODEL, model_facts, read_weights, save_final_model
+from pipeline.runs.tracking import Tracker
+from pipeline.training.curves import plot_curves
+from pipeline.training.distributed import any_rank, broadcast_str
 from pipeline.training.optim import build_optimizer, build_schedule, scaled_lr
 from pipeline.training.preempt import PreemptionWatch
-from pipeline.training.tracking import Tracker, plot_curves
-
-
-class HookRunner(nn.Module):
-    """Runs the hook inside `forward`, so DDP sees one forward per step whatever the hook calls."""
-
-    def __init__(self, model: MixNet, hook: Hook) -> None:
-        super().__init__()
-        self.model = model
-        self.hook = hook
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, rng: torch.Generator):
-        out = self.hook(self.model, images, labels, rng)
-        return out.loss, out.logits, out.stats
-
-
-@dataclass
-class RunSummary:
-    """What a run did; printed as a table and returned to callers."""
-
-    name: str
-    method: str
-    params: int
-    steps: int
-    epochs_done: float
-    top1_err: float | None
-    top5_err: float | None
-    best_top1_err: float | None
-    msec_per_batch: float | None
-    images_per_s: float | None
-    wall_s: float
-    mlflow_run_id: str | None
-    output_dir: str
-    preempted: bool = False
-    skipped_files: list[str] = field(default_factory=list)
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The per-step generator hooks draw from: the same on every rank and on resume."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+from pipeline.training.step import MethodRunner, step_generator, train_step
+from pipeline.training.summary import RunSummary
 
 
 class Trainer:
@@ -85,9 +44,8 @@ class Trainer:
         self.recipe = recipe
         cfg = recipe.train
         self.output_dir = Path(cfg.output_dir)
-        hook = build_hook(recipe)
-        # Only the AE leaves parameters unused in a step (the decoder, on mixed batches).
-        ddp = DistributedDataParallelKwargs(find_unused_parameters=hook.needs_decoder)
+        method = build_method(recipe.method, recipe.optim.label_smoothing)
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(method.unused_parameters))
         self.accelerator = Accelerator(mixed_precision=cfg.amp, cpu=cfg.cpu, kwargs_handlers=[ddp])
         acc = self.accelerator
         set_seed(cfg.seed, device_specific=False)
@@ -99,15 +57,15 @@ class Trainer:
             seed=cfg.seed,
         )
         self.num_classes = recipe.model.num_classes or self.loaders.num_classes
-        model = build_model(recipe.model, self.num_classes, autoencoder=hook.needs_decoder)
+        model = method.build_model(recipe.model, self.num_classes)
         if recipe.model.pretrained:
             _load_pretrained(model, recipe.model.pretrained)
         if recipe.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.hook = hook
+        self.method = method
         self.num_params = count_parameters(model)
-        runner = HookRunner(model, hook)
+        runner = MethodRunner(model, method)
         if recipe.model.compile:
             runner = torch.compile(runner)
 
@@ -159,7 +117,7 @@ class Trainer:
                 "steps_per_epoch": self.steps_per_epoch,
             },
         )
-        self.state.mlflow_run_id = _broadcast_str(acc, self.state.mlflow_run_id)
+        self.state.mlflow_run_id = broadcast_str(acc, self.state.mlflow_run_id)
         if self.loaders.skipped:
             self.tracker.log({"data/skipped_files": float(len(self.loaders.skipped))}, 0)
         try:
@@ -196,8 +154,19 @@ class Trainer:
             progress = _progress(remaining, f"epoch {epoch}", acc.is_main_process and cfg.progress)
             window = _Window(self.state.step)
             for images, labels in loader:
-                loss = self._step(images, labels)
-                window.add(loss)
+                self.set_lr(self.state.step)
+                window.add(
+                    train_step(
+                        acc,
+                        self.runner,
+                        self.optimizer,
+                        images,
+                        labels,
+                        step_generator(cfg.seed, self.state.step),
+                        self.recipe.optim.grad_clip,
+                        self.recipe.model.channels_last,
+                    )
+                )
                 self.state.step += 1
                 self.state.step_in_epoch += 1
                 progress.update(1)
@@ -229,23 +198,6 @@ class Trainer:
                 self._checkpoint()
         return timing, False
 
-    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cfg = self.recipe
-        self.runner.train()
-        if cfg.model.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        self.set_lr(self.state.step)
-        with self.accelerator.autocast():
-            loss, _, _ = self.runner(
-                images, labels, step_generator(cfg.train.seed, self.state.step)
-            )
-        self.accelerator.backward(loss)
-        if cfg.optim.grad_clip is not None:
-            self.accelerator.clip_grad_norm_(self.runner.parameters(), cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach().float()
-
     # --------------------------------------------------------------- logging
     def _log_window(self, window: _Window, progress) -> tuple[float, float] | None:
         """Log the mean loss and speed of the steps since the last log; sync once here."""
@@ -264,6 +216,7 @@ class Trainer:
                 "train/lr": self.optimizer.param_groups[0]["lr"],
                 "perf/msec_per_batch": msec,
                 "perf/images_per_s": ips,
+                **window.stat_means(),
             },
             self.state.step,
         )
@@ -276,11 +229,7 @@ class Trainer:
         if not window.losses:
             return
         losses = torch.stack(window.losses)
-        bad = ~torch.isfinite(losses)
-        if self.accelerator.num_processes > 1:
-            bad_any = bad.float()
-            torch.distributed.all_reduce(bad_any, op=torch.distributed.ReduceOp.MAX)
-            bad = bad_any > 0
+        bad = any_rank(self.accelerator, ~torch.isfinite(losses))
         if bool(bad.any()):
             first = window.first_step + int(bad.nonzero()[0]) + 1
             last = latest_checkpoint(self.output_dir)
@@ -293,26 +242,17 @@ class Trainer:
     # ------------------------------------------------------------ validation
     @torch.no_grad()
     def _validate(self) -> None:
-        from torchmetrics.classification import MulticlassAccuracy
-
         acc = self.accelerator
         model = acc.unwrap_model(self.runner).model
         model.eval()
-        metrics = {
-            k: MulticlassAccuracy(self.num_classes, top_k=k, average="micro", ignore_index=-1).to(
-                acc.device
-            )
-            for k in (1, min(5, self.num_classes))
-        }
+        errors = TopKErrors(self.num_classes, (1, 5), acc.device)
         for images, labels in self.loaders.val:
             if self.recipe.model.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with acc.autocast():
-                logits = model(images).float()
-            for metric in metrics.values():
-                metric.update(logits, labels)
-        top1 = 100.0 * (1.0 - float(metrics[1].compute()))
-        top5 = 100.0 * (1.0 - float(metrics[min(5, self.num_classes)].compute()))
+                errors.update(model(images).float(), labels)
+        found = errors.compute()
+        top1, top5 = found[1], found[5]
         best = top1 if self.state.best_top1_err is None else min(top1, self.state.best_top1_err)
         self.state.best_top1_err = best
         self.last_val = (top1, top5)
@@ -323,14 +263,16 @@ class Trainer:
         self._print(f"epoch {self.state.epoch}: val top-1 err {top1:.2f}%  top-5 err {top5:.2f}%")
 
     # ----------------------------------------------------------- checkpoints
+    def _facts(self) -> dict:
+        return model_facts(self.model, self.num_classes, self.loaders.class_names)
+
     def _checkpoint(self) -> None:
-        meta = {"num_classes": self.num_classes, "class_names": self.loaders.class_names}
         save_checkpoint(
             self.accelerator,
             self.output_dir,
             self.state,
             self.recipe,
-            meta,
+            self._facts(),
             self.recipe.train.keep_checkpoints,
         )
 
@@ -340,9 +282,7 @@ class Trainer:
             return
         model = acc.unwrap_model(self.runner).model
         final = self.output_dir / FINAL_MODEL
-        save_final_model(
-            final, model, self.recipe, self.num_classes, self.loaders.class_names, self.state
-        )
+        save_final_model(final, model, self.recipe, self._facts(), self.state)
         curves = plot_curves(self.tracker, self.output_dir / "curves.png")
         if curves is not None:
             self.tracker.artifact(curves)
@@ -374,15 +314,23 @@ class Trainer:
 
 
 class _Window:
-    """Per-step losses since the last log, kept on the device until then."""
+    """Per-step losses and method stats since the last log, kept on the device until then."""
 
     def __init__(self, first_step: int) -> None:
         self.first_step = first_step
         self.losses: list[torch.Tensor] = []
+        self.stats: dict[str, list[torch.Tensor]] = {}
         self.started = time.perf_counter()
 
-    def add(self, loss: torch.Tensor) -> None:
-        self.losses.append(loss)
+    def add(self, step) -> None:
+        self.losses.append(step.loss)
+        for key, value in step.stats.items():
+            self.stats.setdefault(key, []).append(value.float())
+
+    def stat_means(self) -> dict[str, float]:
+        """`method/<stat>`: this rank's mean over the steps that reported it (e.g. `recon` on
+        the AE's clean batches only)."""
+        return {f"method/{k}": float(torch.stack(v).mean()) for k, v in self.stats.items()}
 
 
 def _final_metrics(summary: RunSummary) -> dict[str, float]:
@@ -394,15 +342,6 @@ def _final_metrics(summary: RunSummary) -> dict[str, float]:
     return {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
 
 
-def _broadcast_str(accelerator, value: str | None) -> str | None:
-    """The main rank's value on every rank (the MLflow run id is created there)."""
-    if accelerator.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([value])[0]
-
-
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -410,57 +349,13 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _load_pretrained(model: MixNet, path: str) -> None:
-    """Start from a trained model's weights (e.g. ImageNet for CUB), skipping the classifier
-    when the number of classes differs."""
-    from pipeline.training.checkpoint import load_model
-
-    source, _, _ = load_model(path)
+    """Start from a trained model's weights (e.g. ImageNet for CUB): every tensor whose name and
+    shape match, so the classifier is skipped when the number of classes differs."""
+    source, _, _ = read_weights(path)
     own = model.state_dict()
-    weights = {k: v for k, v in source.state_dict().items() if k in own and own[k].shape == v.shape}
+    weights = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
     if not any(k.startswith("stages.") for k in weights):
         raise CheckpointError(
             f"model.pretrained: {path} shares no backbone weights with this recipe's model"
         )
     model.load_state_dict(weights, strict=False)
-
-
-def summary_table(summaries: list[RunSummary]) -> str:
-    """A plain-text table of runs, for the end of `train` and `demo`."""
-    cols = [
-        "run",
-        "method",
-        "params",
-        "steps",
-        "top-1 err",
-        "best",
-        "top-5 err",
-        "ms/batch",
-        "img/s",
-        "wall s",
-    ]
-
-    def fmt(v: float | None, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
-
-    rows = []
-    for s in summaries:
-        rows.append(
-            [
-                s.name,
-                s.method,
-                f"{s.params / 1e6:.2f}M",
-                str(s.steps),
-                fmt(s.top1_err, ".2f"),
-                fmt(s.best_top1_err, ".2f"),
-                fmt(s.top5_err, ".2f"),
-                fmt(s.msec_per_batch, ".0f"),
-                fmt(s.images_per_s, ".0f"),
-                f"{s.wall_s:.0f}",
-            ]
-        )
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(v.rjust(w) for v, w in zip(cells, widths, strict=True))
-
-    return "\n".join([line(cols), line(["-" * w for w in widths]), *map(line, rows)])

@@ -1,19 +1,23 @@
-"""Training hooks: each loss is λ·CE(y) + (1−λ)·CE(y[π]) of logits we rebuild independently;
-the AE decoder learns on clean batches only and the classifier never sees a decoded image."""
+"""Each method's loss is λ·CE(y) + (1−λ)·CE(y[π]) of logits we rebuild independently; CutMix's
+box comes from the step's generator alone; the AE decoder learns on clean batches only and the
+classifier never sees a decoded image."""
 
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import pipeline.hooks.alignmixup as alignmixup_module
-import pipeline.hooks.standard as standard_module
-from pipeline.config import AEConfig, ModelConfig, load_recipe
-from pipeline.hooks import build_hook
-from pipeline.mixing import align_mix, cutmix, input_mixup, mix
+import pipeline.methods
+from pipeline.config import AEConfig, ModelConfig
+from pipeline.methods import build_method
+from pipeline.mixing import align_mix, input_mixup, mix
 from pipeline.models import build_model
+from pipeline.recipe import load_recipe
 
 B, K = 8, 10
 
@@ -32,26 +36,36 @@ def _model(autoencoder=False):
 
 @pytest.fixture
 def recorded(monkeypatch):
-    """The (λ, π) each hook draws, recorded from the real sample_mix."""
+    """The (λ, π) each method draws, recorded from the real sample_mix."""
     draws = []
+    real = pipeline.mixing.sample_mix
 
-    def wrap(module):
-        real = module.sample_mix
+    def recording(*args, **kwargs):
+        draws.append(real(*args, **kwargs))
+        return draws[-1]
 
-        def recording(*args, **kwargs):
-            draws.append(real(*args, **kwargs))
-            return draws[-1]
-
-        monkeypatch.setattr(module, "sample_mix", recording)
-
-    wrap(standard_module)
-    wrap(alignmixup_module)
+    for info in pkgutil.iter_modules(pipeline.methods.__path__):
+        module = importlib.import_module(f"pipeline.methods.{info.name}")
+        if hasattr(module, "sample_mix"):
+            monkeypatch.setattr(module, "sample_mix", recording)
     return draws
 
 
-def _hook(method, **method_overrides):
-    extra = [f"method.{k}={v}" for k, v in method_overrides.items()]
-    return build_hook(load_recipe(None, [f"method.name={method}", *extra]))
+def _method(name, **settings):
+    extra = [f"method.{k}={v}" for k, v in settings.items()]
+    return build_method(load_recipe(None, [f"method.name={name}", *extra]).method)
+
+
+def _recorder(calls: list):
+    """A forward pre-hook that keeps each call's first input."""
+    return lambda module, inputs: calls.append(inputs[0])
+
+
+def _model_input(model):
+    """The images the model's first stage sees, recorded on every call."""
+    seen = []
+    model.stages[0].register_forward_pre_hook(_recorder(seen))
+    return seen
 
 
 def _mixed_ce(logits, y, perm, lam):
@@ -60,13 +74,13 @@ def _mixed_ce(logits, y, perm, lam):
 
 def test_baseline_is_plain_cross_entropy():
     model, (x, y) = _model(), _batch()
-    out = _hook("baseline")(model, x, y, torch.Generator().manual_seed(0))
+    out = _method("baseline")(model, x, y, torch.Generator().manual_seed(0))
     torch.testing.assert_close(out.loss, F.cross_entropy(model(x), y))
 
 
 def test_input_mixup_loss(recorded):
     model, (x, y) = _model(), _batch()
-    out = _hook("input_mixup")(model, x, y, torch.Generator().manual_seed(3))
+    out = _method("input_mixup")(model, x, y, torch.Generator().manual_seed(3))
     s = recorded[-1]
     assert 0 < s.lam < 1 and sorted(s.perm.tolist()) == list(range(B))
     expected = model(s.lam * x + (1 - s.lam) * x[s.perm])
@@ -76,24 +90,39 @@ def test_input_mixup_loss(recorded):
 
 def test_cutmix_loss_uses_the_area_corrected_lambda(recorded):
     model, (x, y) = _model(), _batch()
-    np.random.seed(0)  # timm places the box with NumPy's global generator
-    out = _hook("cutmix")(model, x, y, torch.Generator().manual_seed(4))
-    s = recorded[-1]
+    seen = _model_input(model)
+    out = _method("cutmix")(model, x, y, torch.Generator().manual_seed(4))
+    s, mixed = recorded[-1], seen[-1]
     lam = float(out.stats["lam"])
-    mixed = x.clone()
-    np.random.seed(0)
-    changed = (cutmix(x, s.perm, s.lam)[0] != x).any(dim=(0, 1))  # the pasted box
-    mixed[:, :, changed] = x[s.perm][:, :, changed]
-    assert lam == pytest.approx(1 - changed.float().mean().item(), abs=1e-6)
+    pasted = (mixed != x).any(dim=(0, 1))  # random images: the pasted box differs everywhere
+    rows, cols = pasted.any(1).nonzero().flatten(), pasted.any(0).nonzero().flatten()
+    assert pasted[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()  # one box
+    torch.testing.assert_close(mixed[:, :, pasted], x[s.perm][:, :, pasted])
+    torch.testing.assert_close(mixed[:, :, ~pasted], x[:, :, ~pasted])
+    assert lam == pytest.approx(1 - pasted.float().mean().item(), abs=1e-6)
     torch.testing.assert_close(out.logits, model(mixed))
     torch.testing.assert_close(out.loss, _mixed_ce(model(mixed), y, s.perm, lam))
 
 
+def test_cutmix_box_comes_from_the_step_generator_alone():
+    """The same generator seed pastes the same box whatever the global RNGs hold; another seed
+    moves it (timm's box, used before, read numpy's global RNG)."""
+    model, (x, y) = _model(), _batch()
+    seen = _model_input(model)
+    cutmix = _method("cutmix")
+    boxes = []
+    for seed, global_seed in ((4, 0), (4, 123), (5, 0)):
+        np.random.seed(global_seed)
+        torch.manual_seed(global_seed)
+        cutmix(model, x, y, torch.Generator().manual_seed(seed))
+        boxes.append((seen[-1] != x).any(dim=(0, 1)))
+    assert torch.equal(boxes[0], boxes[1])
+    assert not torch.equal(boxes[0], boxes[2])
+
+
 def test_manifold_mixup_mixes_at_one_of_the_levels(recorded):
     model, (x, y) = _model(), _batch()
-    out = _hook("manifold_mixup", manifold_levels="[1,2]")(
-        model, x, y, torch.Generator().manual_seed(5)
-    )
+    out = _method("manifold_mixup", levels="[1,2]")(model, x, y, torch.Generator().manual_seed(5))
     s = recorded[-1]
     level = int(out.stats["level"])
     assert level in (1, 2)
@@ -105,10 +134,10 @@ def test_manifold_mixup_mixes_at_one_of_the_levels(recorded):
 
 def test_alignmixup_is_input_mixup_or_aligned_mixing(recorded):
     model, (x, y) = _model(), _batch()
-    hook = _hook("alignmixup")
+    method = _method("alignmixup")
     kinds = set()
     for seed in range(12):
-        out = hook(model, x, y, torch.Generator().manual_seed(seed))
+        out = method(model, x, y, torch.Generator().manual_seed(seed))
         s = recorded[-1]
         a = model.features(x)
         candidates = {
@@ -128,21 +157,16 @@ def _decoder_grads(model):
     return [p.grad for p in model.decoder.parameters()]
 
 
-def _recorder(calls: list):
-    """A forward pre-hook that keeps each call's first input."""
-    return lambda module, inputs: calls.append(inputs[0])
-
-
 def test_ae_decoder_learns_on_clean_batches_only():
     x, y = _batch()
-    hook = _hook("alignmixup_ae")
+    method = _method("alignmixup_ae")
     seen = set()
     for seed in range(16):
         model = _model(autoencoder=True)
         encoder_calls, classifier_inputs = [], []
         model.stages[0].register_forward_pre_hook(_recorder(encoder_calls))
         model.classifier.register_forward_pre_hook(_recorder(classifier_inputs))
-        out = hook(model, x, y, torch.Generator().manual_seed(seed))
+        out = method(model, x, y, torch.Generator().manual_seed(seed))
         out.loss.backward()
         # The encoder ran once, on the (possibly mixed) images, never on a decoded image, and
         # the classifier read one pooled embedding.
@@ -165,16 +189,9 @@ def test_ae_decoder_learns_on_clean_batches_only():
 
 def test_alignmixup_or_cutmix_uses_both():
     model, (x, y) = _model(), _batch()
-    hook = _hook("alignmixup_or_cutmix")
+    method = _method("alignmixup_or_cutmix")
     used = {
-        ("aligned" in hook(model, x, y, torch.Generator().manual_seed(s)).stats) for s in range(10)
+        ("aligned" in method(model, x, y, torch.Generator().manual_seed(s)).stats)
+        for s in range(10)
     }
     assert used == {True, False}
-
-
-def test_same_generator_seed_gives_the_same_step():
-    model, (x, y) = _model(), _batch()
-    hook = _hook("alignmixup")
-    first = hook(model, x, y, torch.Generator().manual_seed(7)).loss
-    second = hook(model, x, y, torch.Generator().manual_seed(7)).loss
-    assert first.item() == second.item()

@@ -1,5 +1,4 @@
-"""Checkpoints: Accelerate state folders written atomically, the newest found on resume, and the
-final model file that evaluation and the tools load.
+"""Checkpoints: Accelerate state folders written atomically, and the newest found on resume.
 
 A checkpoint is `<output_dir>/checkpoints/step_XXXXXXXX/`. It is written under a `.tmp-` name and
 renamed when complete, so any folder with the final name is whole: a job killed while saving
@@ -17,13 +16,12 @@ from typing import Any
 
 import torch
 
-from pipeline.config import Recipe, dump_recipe, load_recipe
 from pipeline.errors import CheckpointError
+from pipeline.recipe import Recipe, dump_recipe
 
 STATE_FILE = "trainer_state.json"
-META_FILE = "model_meta.json"
+META_FILE = "model_meta.json"  # what it takes to rebuild the model (see model_file.py)
 RECIPE_FILE = "recipe.yaml"
-FINAL_MODEL = "model_final.pt"
 _PREFIX = "step_"
 
 
@@ -102,77 +100,27 @@ def save_checkpoint(
     return final
 
 
-def save_final_model(
-    path: Path,
-    model: torch.nn.Module,
-    recipe: Recipe,
-    num_classes: int,
-    class_names: list[str],
-    state: TrainerState,
-) -> None:
-    """The trained model with what it takes to rebuild it (see docs/architecture.md)."""
-    payload = {
-        "recipe": recipe.model_dump(mode="json"),
-        "num_classes": num_classes,
-        "class_names": class_names,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "mlflow_run_id": state.mlflow_run_id,
-        "step": state.step,
-    }
-    tmp = path.with_name(f".tmp-{path.name}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+def read_meta(folder: Path) -> dict[str, Any]:
+    """The model facts a checkpoint folder was saved with (`num_classes`, `has_decoder`, ...)."""
+    try:
+        return json.loads((folder / META_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder / META_FILE}: unreadable model facts ({exc})") from exc
 
 
-def load_model(path: str | Path) -> tuple[torch.nn.Module, Recipe, dict[str, Any]]:
-    """Rebuild a trained model from `model_final.pt`, a run folder, or a checkpoint folder.
+def checkpoint_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The model weights Accelerate saved in `folder`, with the trainer's wrapper prefixes
+    (`model.` of the method runner, and `_orig_mod.`/`module.` if torch.compile or DDP kept
+    theirs) removed."""
+    from safetensors.torch import load_file
 
-    Returns `(model in eval mode, recipe, extra)` with `extra` holding `num_classes`,
-    `class_names`, `mlflow_run_id` and `step`.
-    """
-    from pipeline.hooks import build_model_and_hook
-
-    p = Path(path)
-    if p.is_dir() and (p / FINAL_MODEL).is_file():
-        p = p / FINAL_MODEL
-    if p.is_file():
-        try:
-            payload = torch.load(p, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise CheckpointError(f"{p}: not a model file this pipeline wrote ({exc})") from exc
-        recipe = Recipe.model_validate(payload["recipe"])
-        state_dict = payload["state_dict"]
-        extra = {k: payload.get(k) for k in ("num_classes", "class_names", "mlflow_run_id", "step")}
-    elif p.is_dir() and (p / STATE_FILE).is_file():
-        recipe = load_recipe(p / RECIPE_FILE)
-        state = read_state(p)
-        meta = json.loads((p / META_FILE).read_text())
-        state_dict = _accelerate_model_weights(p)
-        extra = {**meta, "mlflow_run_id": state.mlflow_run_id, "step": state.step}
-    else:
-        raise CheckpointError(f"{p}: no {FINAL_MODEL} and no checkpoint ({STATE_FILE}) there")
-    model, _ = build_model_and_hook(recipe, int(extra["num_classes"]))
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{p}: weights do not match the recipe's model {recipe.model.name!r} "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    return model.eval(), recipe, extra
-
-
-def _accelerate_model_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The model weights Accelerate saved, with the trainer's wrapper prefix removed."""
     st = folder / "model.safetensors"
-    if st.is_file():
-        from safetensors.torch import load_file
-
-        raw = load_file(str(st))
-    else:
-        raw = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    if not st.is_file():
+        raise CheckpointError(f"{st}: missing (Accelerate writes the model weights there)")
+    raw = load_file(str(st))
     weights = {}
     for key, value in raw.items():
-        for wrapper in ("_orig_mod.", "module."):  # torch.compile and DDP, if they were kept
+        for wrapper in ("_orig_mod.", "module."):
             key = key.removeprefix(wrapper)
         if key.startswith("model."):
             weights[key.removeprefix("model.")] = value

@@ -1,0 +1,38 @@
+"""AlignMixup or CutMix: each batch is CutMix with probability `cutmix_prob`, else AlignMixup."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from pipeline.methods.alignmixup import AlignMixup, AlignSettings
+from pipeline.methods.base import Method, coin
+from pipeline.methods.cutmix import CutMix, CutMixSettings
+from pipeline.methods.registry import register_method
+from pipeline.models import MixNet
+
+
+class AlignMixupOrCutMixSettings(AlignSettings):
+    cutmix_alpha: float = Field(1.0, gt=0, description="CutMix batches: λ ~ Beta(α, α)")
+    cutmix_prob: float = Field(0.5, ge=0, le=1, description="P(a batch is CutMix)")
+
+
+@register_method("alignmixup_or_cutmix")
+class AlignMixupOrCutMix(Method):
+    """Per batch, CutMix (its own α) or AlignMixup (α and the solver of these settings)."""
+
+    Settings = AlignMixupOrCutMixSettings
+    table_order = 80
+
+    def __init__(self, settings: AlignMixupOrCutMixSettings, label_smoothing: float = 0.0):
+        super().__init__(settings, label_smoothing)
+        shared = settings.model_dump(exclude={"name", "cutmix_alpha", "cutmix_prob"})
+        cutmix = CutMixSettings(name=CutMix.name, alpha=settings.cutmix_alpha)
+        self.cutmix = CutMix(cutmix, label_smoothing)
+        self.alignmixup = AlignMixup(AlignSettings(name=AlignMixup.name, **shared), label_smoothing)
+        self.cutmix.timer = self.alignmixup.timer = self.timer
+
+    def __call__(self, model: MixNet, images: Tensor, labels: Tensor, rng: torch.Generator):
+        chosen = self.cutmix if coin(self.settings.cutmix_prob, rng) else self.alignmixup
+        return chosen(model, images, labels, rng)

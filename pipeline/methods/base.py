@@ -1,0 +1,124 @@
+"""What every mixing method shares: its output, a section timer, its base class and draws.
+
+A method turns one batch into a loss. It is called inside the training step's autocast as
+`method(model, images, labels, rng)`; `rng` is a CPU generator seeded from (seed, step), the same
+on every rank, so batch-level choices (λ, partner, layer, direction, CutMix box) agree across
+ranks and are reproduced exactly on resume. A method takes every random choice from `rng`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from pipeline.config import MethodSettings, ModelConfig
+from pipeline.models import MixNet, build_model
+
+__all__ = ["Method", "MethodOutput", "MixSettings", "SectionTimer", "coin", "uniform_choice"]
+
+
+class MixSettings(MethodSettings):
+    """Settings of a method that mixes pairs: λ ~ Beta(α, α)."""
+
+    alpha: float = Field(2.0, gt=0, description="λ ~ Beta(α, α)")
+
+
+@dataclass
+class MethodOutput:
+    """The loss to back-propagate, the logits it came from, and detached scalars to log."""
+
+    loss: Tensor
+    logits: Tensor
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+
+class SectionTimer:
+    """Wall time of named sections of a method, for `make profile`.
+
+    Disabled during training (it would synchronise the device); when enabled each section
+    synchronises CUDA before and after, so its time is the section's own.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.totals_ms: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def reset(self) -> None:
+        self.totals_ms.clear()
+        self.counts.clear()
+
+    @contextmanager
+    def section(self, name: str, device: torch.device) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.totals_ms[name] += (time.perf_counter() - start) * 1e3
+        self.counts[name] += 1
+
+
+def uniform_choice(options: list | tuple, rng: torch.Generator):
+    """One of `options`, drawn from `rng` (no device involved)."""
+    return options[int(torch.randint(len(options), (1,), generator=rng))]
+
+
+def coin(p: float, rng: torch.Generator) -> bool:
+    """True with probability `p`, drawn from `rng`."""
+    return bool(torch.rand((), generator=rng) < p)
+
+
+class Method:
+    """Base class of a registered method (see pipeline/methods/registry.py).
+
+    A subclass sets `Settings` (its pydantic settings, a `MethodSettings` subclass) and what it
+    needs from the model, and implements `__call__`. The trainer reads only these attributes.
+    """
+
+    name: ClassVar[str] = ""  # set by @register_method
+    Settings: ClassVar[type[MethodSettings]] = MethodSettings
+    needs_decoder: ClassVar[bool] = False  # the model gets `f` and the decoder (AlignMixup/AE)
+    # Parameter-name prefixes that may get no gradient in a step; non-empty switches DDP's
+    # find_unused_parameters on (which costs a graph traversal per step).
+    unused_parameters: ClassVar[tuple[str, ...]] = ()
+    table_order: ClassVar[int] = 100  # row position in profile and compare tables
+
+    def __init__(self, settings: MethodSettings, label_smoothing: float = 0.0) -> None:
+        if not isinstance(settings, self.Settings):
+            raise TypeError(
+                f"{type(self).__name__} takes {self.Settings.__name__}, got {type(settings)}"
+            )
+        self.settings = settings
+        self.label_smoothing = label_smoothing
+        self.timer = SectionTimer()
+
+    def build_model(self, cfg: ModelConfig, num_classes: int) -> MixNet:
+        """The model this method trains: `cfg`'s backbone, with what the method needs."""
+        model = build_model(cfg, num_classes, autoencoder=self.needs_decoder)
+        self.check_model(model)
+        return model
+
+    def check_model(self, model: MixNet) -> None:
+        """Raise RecipeError, naming the key, when a setting does not fit the model."""
+
+    def clean_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy on unmixed labels."""
+        return nn.functional.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+
+    def __call__(
+        self, model: MixNet, images: Tensor, labels: Tensor, rng: torch.Generator
+    ) -> MethodOutput:
+        raise NotImplementedError

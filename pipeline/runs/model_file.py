@@ -1,0 +1,110 @@
+"""The final model file: weights in safetensors, with the facts needed to rebuild the model (the
+recipe, the classes, whether it has a decoder, the MLflow run) as JSON in its header.
+
+Nothing is unpickled on load, so a model file from anywhere is safe to open. `load_model` also
+reads a run folder (its `model_final.safetensors`) or a checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import CheckpointError
+from pipeline.recipe import Recipe, load_recipe
+from pipeline.runs.checkpoints import (
+    RECIPE_FILE,
+    STATE_FILE,
+    TrainerState,
+    checkpoint_weights,
+    read_meta,
+    read_state,
+)
+
+FINAL_MODEL = "model_final.safetensors"
+_HEADER_KEY = "alignmixup_pipeline"  # the safetensors metadata entry holding the JSON facts
+
+
+def model_facts(model: torch.nn.Module, num_classes: int, class_names: list[str]) -> dict:
+    """What a checkpoint or model file records about the model beside its weights."""
+    return {
+        "num_classes": num_classes,
+        "class_names": list(class_names),
+        "has_decoder": bool(getattr(model, "has_decoder", False)),
+    }
+
+
+def save_final_model(
+    path: Path,
+    model: torch.nn.Module,
+    recipe: Recipe,
+    facts: dict[str, Any],
+    state: TrainerState,
+) -> None:
+    """Write the model file atomically (a temporary name, then a rename)."""
+    from safetensors.torch import save_file
+
+    header = {
+        **facts,
+        "recipe": recipe.model_dump(mode="json"),
+        "mlflow_run_id": state.mlflow_run_id,
+        "step": state.step,
+    }
+    # Cloned so that no two entries share storage, which safetensors refuses.
+    weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".tmp-{path.name}")
+    save_file(weights, str(tmp), metadata={_HEADER_KEY: json.dumps(header)})
+    os.replace(tmp, path)
+
+
+def _read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header = json.loads((fh.metadata() or {})[_HEADER_KEY])
+            names = fh.keys()
+            weights = {key: fh.get_tensor(key) for key in names}
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}: not a model file this pipeline wrote ({type(exc).__name__}: {exc})"
+        ) from None
+    return weights, header
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Recipe, dict[str, Any]]:
+    """`(state dict, recipe, facts)` of a model file, run folder or checkpoint folder.
+
+    `facts` holds `num_classes`, `class_names`, `has_decoder`, `mlflow_run_id` and `step`.
+    """
+    p = Path(path)
+    if p.is_dir() and (p / FINAL_MODEL).is_file():
+        p = p / FINAL_MODEL
+    if p.is_file():
+        weights, header = _read_model_file(p)
+        recipe = Recipe.model_validate(header.pop("recipe"))
+        return weights, recipe, header
+    if p.is_dir() and (p / STATE_FILE).is_file():
+        state = read_state(p)
+        facts = {**read_meta(p), "mlflow_run_id": state.mlflow_run_id, "step": state.step}
+        return checkpoint_weights(p), load_recipe(p / RECIPE_FILE), facts
+    raise CheckpointError(f"{p}: no {FINAL_MODEL} and no checkpoint ({STATE_FILE}) there")
+
+
+def load_model(path: str | Path) -> tuple[torch.nn.Module, Recipe, dict[str, Any]]:
+    """Rebuild a trained model → `(model in eval mode, recipe, facts)` (see `read_weights`)."""
+    from pipeline.models import build_model
+
+    weights, recipe, facts = read_weights(path)
+    model = build_model(recipe.model, int(facts["num_classes"]), autoencoder=facts["has_decoder"])
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match the recipe's model {recipe.model.name!r} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return model.eval(), recipe, facts

@@ -1,0 +1,65 @@
+"""One training step, the same for `train` and `profile`: the method under Accelerate's autocast,
+backward (scaled for fp16), optional gradient clipping, the optimiser step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.methods import Method
+from pipeline.models import MixNet
+
+__all__ = ["MethodRunner", "StepOutput", "step_generator", "train_step"]
+
+
+class MethodRunner(nn.Module):
+    """Runs the method inside `forward`, so DDP sees one forward per step whatever it calls."""
+
+    def __init__(self, model: MixNet, method: Method) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, rng: torch.Generator):
+        out = self.method(self.model, images, labels, rng)
+        return out.loss, out.stats
+
+
+@dataclass
+class StepOutput:
+    """The step's loss (detached, float32, still on the device) and the method's stats."""
+
+    loss: torch.Tensor
+    stats: dict[str, torch.Tensor]
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator a step's method draws from: the same on every rank and on resume."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def train_step(
+    accelerator,
+    runner: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    rng: torch.Generator,
+    grad_clip: float | None = None,
+    channels_last: bool = False,
+) -> StepOutput:
+    """Train `runner` (prepared by `accelerator`, with `optimizer`) on one batch; no host sync."""
+    runner.train()
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with accelerator.autocast():
+        loss, stats = runner(images, labels, rng)
+    accelerator.backward(loss)
+    if grad_clip is not None:
+        accelerator.clip_grad_norm_(runner.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutput(loss.detach().float(), {k: v.detach() for k, v in stats.items()})

@@ -1,0 +1,205 @@
+"""One table over every registered method: a real training step (the trainer's `train_step`
+under Accelerate) has a finite loss, reaches the backbone, repeats exactly for the same
+(seed, step), leaves only the declared parameters without gradient, and the method survives a
+model file. Then: a method registered by this file alone trains, and bad method settings are
+errors that name the key."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pydantic import Field
+
+from pipeline.errors import RecipeError
+from pipeline.methods import Method, MethodOutput, MixSettings, build_method, register_method
+from pipeline.methods import registry as registry_module
+from pipeline.methods.registry import method_names
+from pipeline.mixing import input_mixup, mixed_cross_entropy, sample_mix
+from pipeline.recipe import load_recipe
+from pipeline.runs.checkpoints import TrainerState
+from pipeline.runs.model_file import load_model, model_facts, save_final_model
+from pipeline.training.optim import build_optimizer
+from pipeline.training.step import MethodRunner, step_generator, train_step
+
+K, B, STEPS = 5, 8, 6
+TINY_MODEL = [
+    "model.name=test_resnet",
+    "model.output_stride=8",
+    "model.channels_last=false",
+    "model.ae.embed_channels=16",
+    "model.ae.decoder_width=16",
+    "model.ae.decoder_min_width=8",
+    "model.ae.decoder_blocks=1",
+]
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True, mixed_precision="no")
+
+
+def _recipe(name: str, *extra: str):
+    return load_recipe(None, [f"method.name={name}", *TINY_MODEL, *extra])
+
+
+def _run(accelerator, recipe, steps: int = STEPS):
+    """Train a fresh model (seed 0) for `steps`; → (model, losses, params without a gradient
+    in at least one step, every parameter name)."""
+    torch.manual_seed(0)
+    method = build_method(recipe.method)
+    model = method.build_model(recipe.model, K)
+    names = {p: n for n, p in model.named_parameters()}
+    got: list[set[str]] = []
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: got[-1].add(names[p]))
+    runner, optimizer = accelerator.prepare(
+        MethodRunner(model, method), build_optimizer(recipe.optim, model, lr=0.01)
+    )
+    data = torch.Generator().manual_seed(1)
+    images = torch.randn(B, 3, 32, 32, generator=data)
+    labels = torch.randint(0, K, (B,), generator=data)
+    losses = []
+    for step in range(steps):
+        # Global RNGs move between steps: a method must not read them.
+        np.random.seed(100 + step)
+        torch.manual_seed(100 + step)
+        got.append(set())
+        out = train_step(accelerator, runner, optimizer, images, labels, step_generator(0, step))
+        losses.append(out.loss.item())
+    missing = set().union(*(set(names.values()) - g for g in got))
+    return model, losses, missing, set(names.values())
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_every_method_trains_a_real_step(name, accelerator, one_torch_thread):
+    recipe = _recipe(name)
+    _, losses, missing, names = _run(accelerator, recipe)
+    assert all(np.isfinite(losses)), losses
+    assert any(n.startswith("stages.0.") for n in names - missing)  # gradients reach the stem
+    declared = build_method(recipe.method).unused_parameters
+    assert all(n.startswith(declared) for n in missing) if declared else not missing, missing
+    # the same (seed, step) gives the same loss, with other values in the global RNGs
+    _, again, _, _ = _run(accelerator, recipe)
+    assert again == losses
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_every_method_round_trips_through_a_model_file(name, accelerator, tmp_path):
+    recipe = _recipe(name)
+    model, _, _, _ = _run(accelerator, recipe, steps=1)
+    path = tmp_path / "model.safetensors"
+    save_final_model(path, model, recipe, model_facts(model, K, list("abcde")), TrainerState())
+    loaded, loaded_recipe, facts = load_model(path)
+    assert loaded_recipe == recipe and type(loaded_recipe.method) is type(recipe.method)
+    assert facts["has_decoder"] == build_method(recipe.method).needs_decoder
+    assert facts["class_names"] == list("abcde")
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_unused_parameters_are_declared_only_where_some_go_without_gradient(accelerator):
+    """The AE's decoder is its only declared-unused part, and it does go without gradient."""
+    declared = {n: build_method(_recipe(n).method).unused_parameters for n in method_names()}
+    assert {n for n, d in declared.items() if d} == {"alignmixup_ae"}
+    _, _, missing, _ = _run(accelerator, _recipe("alignmixup_ae", "method.clean_prob=0"), 2)
+    assert missing and all(n.startswith("decoder.") for n in missing)
+
+
+# --- a method added by one file ------------------------------------------------------------
+
+
+class TwiceMixedSettings(MixSettings):
+    rounds: int = Field(2, ge=1, description="how many times the batch is mixed")
+
+
+@pytest.fixture
+def twice_mixed():
+    """A method defined and registered here and nowhere else: input mixup applied `rounds`
+    times with fresh partners, labels mixed by the product of the λs."""
+
+    @register_method("test_twice_mixed")
+    class TwiceMixed(Method):
+        Settings = TwiceMixedSettings
+
+        def __call__(self, model, images, labels, rng):
+            s = sample_mix(images.shape[0], self.settings.alpha, images.device, generator=rng)
+            mixed = input_mixup(images, s.perm, s.lam)
+            for _ in range(self.settings.rounds - 1):
+                mixed = input_mixup(mixed, torch.arange(images.shape[0]), 1.0)
+            logits = model(mixed)
+            loss = mixed_cross_entropy(logits, labels, s.perm, s.lam)
+            return MethodOutput(loss, logits, {"rounds": torch.tensor(self.settings.rounds)})
+
+    yield TwiceMixed
+    registry_module._METHODS.pop("test_twice_mixed")
+
+
+@pytest.mark.slow
+def test_a_method_registered_in_a_test_file_trains(twice_mixed, tiny_overrides, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.training import Trainer
+
+    recipe = load_recipe(
+        None,
+        tiny_overrides(
+            "name=twice",
+            "method.name=test_twice_mixed",
+            "method.rounds=3",
+            "train.max_steps=2",
+            "tracking.experiment=t_registry",
+        ),
+    )
+    assert isinstance(recipe.method, TwiceMixedSettings) and recipe.method.rounds == 3
+    summary = Trainer(recipe).fit()
+    assert summary.steps == 2 and summary.method == "test_twice_mixed"
+    run = MlflowClient(tracking_uri=mlflow_uri).get_run(summary.mlflow_run_id)
+    assert run.data.params["method.rounds"] == "3"
+    assert {k for k in run.data.params if k.startswith("method.")} == {
+        "method.name",
+        "method.alpha",
+        "method.rounds",
+    }
+    assert run.data.metrics["method/rounds"] == 3.0
+    assert "test_twice_mixed" in method_names()
+
+
+def test_a_name_is_registered_once(twice_mixed):
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("test_twice_mixed")(type("Other", (Method,), {}))
+
+
+# --- recipe errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method.clean_prob=0.3"], r"unknown key 'method\.clean_prob'"),  # an AE key on baseline
+        (["method.name=cutmix", "method.sinkhorn=authors"], r"unknown key 'method\.sinkhorn'"),
+        (["method.name=manifold_mixup", "method.manifold_levels=[1]"], "method.manifold_levels"),
+        (["method.name=puzzlemix"], r"'method\.name': unknown method 'puzzlemix'; registered: "),
+        (["method.name=manifold_mixup", "method.levels=[]"], r"'method\.levels'"),
+    ],
+)
+def test_bad_method_settings_name_the_key(overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, overrides)
+
+
+def test_a_manifold_level_the_model_lacks_is_an_error():
+    recipe = _recipe("manifold_mixup", "method.levels=[0,9]")
+    method = build_method(recipe.method)
+    with pytest.raises(RecipeError, match=r"method\.levels: \[9\] not among .* levels 0\.\.4"):
+        method.build_model(recipe.model, K)
+    at_a = _recipe("manifold_mixup", "method.levels=[4]")  # level 4 is A: a level like others
+    assert build_method(at_a.method).build_model(at_a.model, K).num_levels == 4
+
+
+def test_the_method_name_cannot_be_reassigned():
+    recipe = _recipe("alignmixup")
+    with pytest.raises(ValueError, match="frozen"):
+        recipe.method.name = "baseline"
