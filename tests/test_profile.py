@@ -11,7 +11,9 @@ import timm
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.methods import method_names
+from pipeline.recipe import load_recipe
 from pipeline.tools import profile as profile_cmd
+from pipeline.tools.benchmark import recipe_for
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -96,6 +98,14 @@ def test_mlflow_run_holds_the_table(profiled):
     }
 
 
+def test_a_method_override_reaches_the_methods_that_have_the_key():
+    args = _args(*TINY, "--methods", "baseline,alignmixup", "--set", "method.sinkhorn=converged")
+    settings = profile_cmd.settings_from_args(args)
+    assert recipe_for("alignmixup", settings).method.sinkhorn == "converged"
+    assert recipe_for("baseline", settings).method == load_recipe(None).method
+    assert recipe_for("baseline", settings).model.ae.decoder_width == 16  # the other --set
+
+
 def test_subset_without_baseline_has_no_ratio(tmp_path):
     out = tmp_path / "p.json"
     args = _args(*TINY, "--steps", "1", "--methods", "cutmix", "--output", str(out), "--no-mlflow")
@@ -111,6 +121,7 @@ def test_subset_without_baseline_has_no_ratio(tmp_path):
         (["--steps", "0"], "--steps"),
         (["--device", "tpu"], "tpu"),
         (["--set", "method.sinkhorn=fast"], "method.sinkhorn"),
+        (["--methods", "baseline,cutmix", "--set", "method.sinkhorn=authors"], "none of the"),
     ],
 )
 def test_bad_options_are_named(argv, match):

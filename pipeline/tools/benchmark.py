@@ -11,6 +11,7 @@ batches) draw from per-step generators as in training, so many steps reflect the
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -57,19 +58,50 @@ class Bench:
     times_ms: list[float] = field(default_factory=list)
 
 
+def _applies(override: str, method: str) -> bool:
+    """A `method.KEY=...` override applies to the methods whose settings have KEY; any other
+    override to every method."""
+    from pipeline.methods import settings_class
+
+    key = override.split("=", 1)[0].strip().split(".")
+    return key[0] != "method" or len(key) < 2 or key[1] in settings_class(method).model_fields
+
+
 def recipe_for(method: str, s: Settings) -> Recipe:
-    """The default recipe for `method` at the profiled settings, then the user's overrides."""
+    """The default recipe for `method` with the user's overrides that apply to it, then the
+    profiled settings (which win, as the command's own options)."""
     from pipeline.recipe import load_recipe
 
     profiled = [
-        f"method.name={method}",
         f"model.name={s.model}",
         f"model.channels_last={s.channels_last}",
         f"model.compile={s.compile}",
         f"train.amp={s.amp}",
         f"train.seed={s.seed}",
     ]
-    return load_recipe(None, [*profiled, *s.overrides])
+    mine = [o for o in s.overrides if _applies(o, method)]
+    return load_recipe(None, [f"method.name={method}", *mine, *profiled])
+
+
+def check_settings(s: Settings) -> None:
+    """Fail before any work: unknown methods, a `method.` override no profiled method has, or
+    an override that does not validate (the error names the key)."""
+    from pipeline.methods import method_names
+
+    known = method_names()
+    unknown = [m for m in s.methods if m not in known]
+    if unknown or not s.methods:
+        raise PipelineError(
+            f"--methods: unknown {unknown or s.methods}; choose from {', '.join(known)}"
+        )
+    for override in s.overrides:
+        if not any(_applies(override, m) for m in s.methods):
+            raise PipelineError(
+                f"--set {override}: none of the profiled methods ({', '.join(s.methods)}) has "
+                "that setting"
+            )
+    for method in s.methods:
+        recipe_for(method, s)
 
 
 def accelerator_for(s: Settings):
@@ -106,7 +138,7 @@ def build_bench(
         runner = torch.compile(runner)
     # A small lr keeps random-label training finite; it does not change the step's cost.
     runner, optimizer = accelerator.prepare(runner, build_optimizer(recipe.optim, model, lr=1e-3))
-    steps = iter(range(1 << 62))
+    steps = itertools.count()
 
     def step() -> None:
         rng = step_generator(s.seed, next(steps))
@@ -234,14 +266,7 @@ def run_profile(s: Settings, log: Callable[[str], None] = print) -> list[dict]:
 
 
 def _measure(s: Settings, log: Callable[[str], None]) -> list[dict]:
-    from pipeline.methods import method_names
-
-    known = method_names()
-    unknown = [m for m in s.methods if m not in known]
-    if unknown or not s.methods:
-        raise PipelineError(
-            f"--methods: unknown {unknown or s.methods}; choose from {', '.join(known)}"
-        )
+    check_settings(s)
     accelerator = accelerator_for(s)
     torch.manual_seed(s.seed)
     device = accelerator.device

@@ -67,7 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="recipe override for every method, e.g. method.sinkhorn=converged (repeatable)",
+        help="recipe override, e.g. method.sinkhorn=converged (repeatable); a method.KEY "
+        "override applies to the methods that have KEY",
     )
     p.add_argument("--output", type=Path, help="write the records as JSON here")
     p.add_argument("--no-mlflow", action="store_true", help="log no MLflow run")
@@ -86,8 +87,7 @@ def settings_from_args(args: argparse.Namespace):
 
     from pipeline.errors import PipelineError
     from pipeline.methods import method_names
-    from pipeline.recipe import load_recipe
-    from pipeline.tools.benchmark import Settings
+    from pipeline.tools.benchmark import Settings, check_settings
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -107,13 +107,12 @@ def settings_from_args(args: argparse.Namespace):
             raise PipelineError(f"--{key} must be at least 1, got {chosen[key]}")
     if chosen["warmup"] < 0:
         raise PipelineError(f"--warmup must be at least 0, got {chosen['warmup']}")
-    load_recipe(None, args.set)  # a bad override fails here, naming the key, before any work
     methods = (
         [m.strip() for m in args.methods.split(",") if m.strip()]
         if args.methods
         else method_names()
     )
-    return Settings(
+    settings = Settings(
         methods=methods,
         model=args.model,
         compile=args.compile,
@@ -122,6 +121,8 @@ def settings_from_args(args: argparse.Namespace):
         overrides=args.set,
         **chosen,
     )
+    check_settings(settings)  # a bad method or override fails here, named, before any work
+    return settings
 
 
 def _sections(record: dict) -> str:
