@@ -2,6 +2,10 @@
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_loader.py [--images 400] [--epochs 4]
     PYTHONPATH=. .venv/bin/python benchmarks/bench_loader.py --device cuda   # DALI "mixed"
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_loader.py --scale 22000 [--before DIR]
+
+`--scale N` measures start-up and the training thread's feed cost on a tree of N files
+instead (loader_scale.py says what and how).
 
 The JPEGs are random crops of scikit-learn's two sample photos resized to 500×375 (ImageNet's
 typical size) at quality 90. Both loaders run the recipe's train transform at 224 px with the
@@ -121,8 +125,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for DALI 'mixed' decoding")
     parser.add_argument("--backends", default="dali,torchvision")
+    scale = parser.add_argument_group("--scale mode (loader_scale.py)")
+    scale.add_argument("--scale", type=int, help="files in a synthetic ImageNet-style tree")
+    scale.add_argument("--tree", type=Path, help="where (default /tmp/alignmixup_tree_N)")
+    scale.add_argument("--before", type=Path, help="another checkout to measure alongside")
+    scale.add_argument("--ranks", type=int, default=2, help="1 skips the two-rank start")
+    scale.add_argument("--steps", type=int, default=40, help="train batches timed for the feed")
+    scale.add_argument("--repeats", type=int, default=3)
+    scale.add_argument("--index-entries", type=int, help="also load an index this large")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
+    if args.scale:
+        from loader_scale import report
+
+        tree = args.tree or Path(f"/tmp/alignmixup_tree_{args.scale}")
+        report(
+            args.scale, tree, args.before, args.ranks, args.steps, args.repeats, args.index_entries
+        )
+        return
 
     import torch
 

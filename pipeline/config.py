@@ -66,6 +66,12 @@ class DataConfig(Section):
     batch_size: int = Field(256, ge=1, description="per device")
     val_batch_size: int | None = Field(None, ge=1)
     num_threads: int = Field(4, ge=1, description="DALI threads / DataLoader workers")
+    plan_workers: int = Field(
+        2,
+        ge=0,
+        description="DALI: processes drawing the augmentation ahead of the pipeline; 0: in "
+        "the training process",
+    )
     train_size: int = Field(224, ge=8)
     val_resize: int = Field(256, ge=8)
     val_crop: int = Field(224, ge=8)
@@ -77,6 +83,11 @@ class DataConfig(Section):
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     skip_corrupt: bool = False
+    index_dir: str | None = Field(
+        None,
+        description="where the dataset index is kept; None: <root>/.pipeline_index when "
+        "writable, else the run's output folder (docs/data.md)",
+    )
     max_val_samples: int | None = Field(None, ge=1)
 
 

@@ -200,6 +200,19 @@ def test_start_step_applies_to_one_iteration(coded_root):
         loader.set_epoch(0, start_step=len(loader) + 1)
 
 
+def test_dali_draws_the_same_batches_with_or_without_worker_processes(photo_root):
+    """data.plan_workers only moves where the parameters are drawn: the batches are equal."""
+    kw = {"batch_size": 4, "flip": True, "lighting": 0.1, "color_jitter": 0.4}
+    epochs = []
+    for workers in (0, 2):
+        loader = build_loaders(cfg(photo_root, "dali", plan_workers=workers, **kw), 0, 1, "cpu", 3)
+        loader.train.set_epoch(1, start_step=1)
+        epochs.append(list(loader.train))
+    assert len(epochs[0]) == len(epochs[1]) > 0
+    for (x0, y0), (x1, y1) in zip(*epochs, strict=True):
+        assert torch.equal(y0, y1) and torch.equal(x0, x1)
+
+
 def _levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """|a − b| in grey levels of [0, 255] pixels (undo the per-channel std)."""
     return (a - b).abs() * torch.tensor(STD)[None, :, None, None] * 255

@@ -116,14 +116,17 @@ def test_run_finishes_tracked_and_reloadable(tiny_overrides, mlflow_uri, tmp_pat
     )
 
 
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(
-    tiny_overrides, mlflow_uri, subprocess_env
+    backend, tiny_overrides, mlflow_uri, subprocess_env
 ):
+    experiment = f"t_kill_{backend}"
     common = [
         "method.name=alignmixup",
+        f"data.backend={backend}",
         "train.max_steps=12",
         "train.checkpoint_every=4",
-        "tracking.experiment=t_kill",
+        f"tracking.experiment={experiment}",
     ]
     reference = _train_cli(
         tiny_overrides(*common, "name=uninterrupted", output="ref"), subprocess_env
@@ -146,6 +149,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # mid-epoch: an epoch here is 90 steps
     proc.wait()
+    _assert_no_children_left(proc.pid)
     state = read_state(list_checkpoints(out_dir)[-1])
     assert state.step >= 8 and state.step < 12 and state.epoch == 0
 
@@ -153,7 +157,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
 
-    runs = {r.info.run_name: r for r in _runs(mlflow_uri, "t_kill")}
+    runs = {r.info.run_name: r for r in _runs(mlflow_uri, experiment)}
     assert set(runs) == {"uninterrupted", "killed"}  # the resume continued the same run
     assert runs["killed"].info.run_id == state.mlflow_run_id
     assert runs["killed"].info.status == "FINISHED"
@@ -162,6 +166,26 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(
     assert sorted(got) == list(range(1, 13))
     for step in range(1, 13):
         assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), step
+
+
+def _assert_no_children_left(pid: int, timeout: float = 10.0) -> None:
+    """The killed trainer's worker processes (DALI's augmentation draws) end with it."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while True:
+        left = [p for p in psutil.process_iter(["ppid", "cmdline"]) if p.info["ppid"] == pid]
+        orphans = [
+            p
+            for p in psutil.process_iter(["ppid", "cmdline"])
+            if p.info["ppid"] == 1
+            and "pipeline" in " ".join(p.info["cmdline"] or [])
+            and "train" in " ".join(p.info["cmdline"] or [])
+        ]
+        if not left and not orphans:
+            return
+        assert time.time() < deadline, f"processes left after the kill: {left + orphans}"
+        time.sleep(0.2)
 
 
 def test_preemption_checkpoints_exits_3_and_resumes(tiny_overrides, mlflow_uri, subprocess_env):

@@ -12,8 +12,11 @@ See docs/data.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.data.check import CheckedSplit
+from pipeline.data.index import IndexedSplit
 from pipeline.data.layouts import CubRecord, SplitIndex, load_cub_metadata
 
 if TYPE_CHECKING:
@@ -35,14 +38,16 @@ class Loaders:
     skipped: list[str] = field(default_factory=list)  # "path: problem", with data.skip_corrupt
     train_index: SplitIndex | None = None  # the file list and labels each loader reads
     val_index: SplitIndex | None = None
+    indexes: list[IndexedSplit] = field(default_factory=list)  # where each split's index is
 
 
-def _limit(index: SplitIndex, sizes: list, limit: int | None) -> tuple[SplitIndex, list]:
+def _limit(split: CheckedSplit, limit: int | None) -> CheckedSplit:
     """At most `limit` samples, evenly spaced over the (class-sorted) list, so all classes stay."""
-    if limit is None or limit >= len(index):
-        return index, sizes
-    keep = [i * len(index) // limit for i in range(limit)]
-    return index.subset(keep), [sizes[i] for i in keep]
+    n = len(split.index)
+    if limit is None or limit >= n:
+        return split
+    keep = [i * n // limit for i in range(limit)]
+    return CheckedSplit(split.index.subset(keep), split.sizes[keep], split.problems)
 
 
 def build_loaders(
@@ -52,37 +57,47 @@ def build_loaders(
     device: torch.device | str,
     seed: int,
     class_names: list[str] | None = None,
+    index_fallback_dir: str | Path | None = None,
 ) -> Loaders:
-    """Scan and check the dataset, then build this rank's train and val loaders.
+    """Load (or build once) the dataset's index, then build this rank's train and val loaders.
 
-    With `class_names` (a trained model's classes) only the val split is scanned and checked
-    and `Loaders.train` is None: evaluation need not read the whole training set.
+    With `class_names` (a trained model's classes) only the val split is read and `Loaders.train`
+    is None: evaluation need not read the whole training set. `index_fallback_dir` keeps the
+    index when the data folder is not writable (the trainer passes its output folder).
     """
     import torch
 
-    from pipeline.data.check import load_checked_split
+    from pipeline.data.check import require_usable
+    from pipeline.data.index import indexed_split
 
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
-    train = load_checked_split(data_cfg, "train") if class_names is None else None
-    names = list(class_names if class_names is not None else train.index.class_names)
-    val = load_checked_split(data_cfg, "val", names)
-    val.index, val.sizes = _limit(val.index, val.sizes, data_cfg.max_val_samples)
+
+    def split(name: str, names: list[str] | None) -> IndexedSplit:
+        found = indexed_split(data_cfg, name, names, index_fallback_dir)
+        require_usable(found.split, data_cfg, name)
+        return found
+
+    train = split("train", None) if class_names is None else None
+    names = list(class_names if class_names is not None else train.split.index.class_names)
+    val = split("val", names)
     if data_cfg.backend == "dali":
         from pipeline.data.dali_loader import DaliLoader as Loader
     else:
         from pipeline.data.torchvision_loader import TorchvisionLoader as Loader
     common = {"rank": rank, "world_size": world_size, "seed": seed, "device": torch.device(device)}
     val_batch = data_cfg.val_batch_size or data_cfg.batch_size
-    problems = (train.problems if train else []) + val.problems
+    val_split = _limit(val.split, data_cfg.max_val_samples)
+    problems = (train.split.problems if train else []) + val.split.problems
     return Loaders(
-        train=Loader(train, data_cfg, train=True, batch_size=data_cfg.batch_size, **common)
+        train=Loader(train.split, data_cfg, train=True, batch_size=data_cfg.batch_size, **common)
         if train
         else None,
-        val=Loader(val, data_cfg, train=False, batch_size=val_batch, **common),
+        val=Loader(val_split, data_cfg, train=False, batch_size=val_batch, **common),
         num_classes=len(names),
         class_names=names,
         skipped=[f"{path}: {what}" for path, what in problems],
-        train_index=train.index if train else None,
-        val_index=val.index,
+        train_index=train.split.index if train else None,
+        val_index=val_split.index,
+        indexes=[found for found in (train, val) if found is not None],
     )

@@ -46,7 +46,7 @@ def draw_train_params(seed: int, size: tuple[int, int], cfg: DataConfig) -> Trai
     import torch
     from torchvision.transforms import ColorJitter, RandomResizedCrop
 
-    w, h = size
+    w, h = int(size[0]), int(size[1])
     # get_params only reads the image's shape; an expanded 1-element tensor carries it for free.
     shape_only = torch.empty(1, 1, 1).expand(3, h, w)
     cj = cfg.color_jitter
@@ -102,7 +102,7 @@ def val_geometry(size: tuple[int, int], resize: int, crop: int) -> tuple[int, in
 
     Needed by the DALI val pipeline so its resize and crop land on the same pixels.
     """
-    w, h = size
+    w, h = int(size[0]), int(size[1])
     if w <= h:
         new_w, new_h = resize, int(resize * h / w)
     else:

@@ -10,7 +10,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check = subparsers.add_parser(
         "check-data",
         help="validate a dataset: classes, images per split, unreadable files",
-        description="Decode every image of a dataset and list the bad ones; exit 2 if any.",
+        description="Decode every image of a dataset and list the bad ones (exit 2 if any); "
+        "write each split's index, so the next training run starts without scanning.",
     )
     check.add_argument("path", help="dataset root (e.g. data/imagenet)")
     check.add_argument(
@@ -37,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_check(args: argparse.Namespace) -> int:
     """Print the dataset summary; exit status 2 when any file or folder is bad."""
     from pipeline.config import DataConfig
-    from pipeline.data.check import check_dataset, format_report
+    from pipeline.data.check_data import check_dataset, format_report
 
     cfg = DataConfig(
         root=args.path,

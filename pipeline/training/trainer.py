@@ -55,6 +55,7 @@ class Trainer:
             world_size=acc.num_processes,
             device=acc.device,
             seed=cfg.seed,
+            index_fallback_dir=self.output_dir / "data_index",
         )
         self.num_classes = recipe.model.num_classes or self.loaders.num_classes
         model = method.build_model(recipe.model, self.num_classes)
