@@ -5,7 +5,13 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-stamp
 ARGS   ?=
 
-.PHONY: setup test lint demo profile compare mlflow-ui docker clean
+.PHONY: setup test lint demo profile compare mlflow-ui mlflow-server docker clean
+
+# `make mlflow-server`: a tracking server for a lab (docs/slurm.md). Loopback unless told.
+MLFLOW_HOST      ?= 127.0.0.1
+MLFLOW_PORT      ?= 5000
+MLFLOW_BACKEND   ?= sqlite:///mlflow-server/mlflow.db
+MLFLOW_ARTIFACTS ?= mlflow-server/artifacts
 
 setup: $(STAMP)
 
@@ -34,6 +40,11 @@ compare: setup
 mlflow-ui: setup
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port $${PORT:-5000} \
 		--backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
+
+mlflow-server: setup
+	@mkdir -p mlflow-server
+	$(VENV)/bin/mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \
+		--backend-store-uri $(MLFLOW_BACKEND) --artifacts-destination $(MLFLOW_ARTIFACTS)
 
 docker:
 	docker build -f docker/Dockerfile -t alignmixup-pipeline:latest .

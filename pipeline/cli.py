@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "pipeline.tools.profile",  # profile
     "pipeline.tools.compare",  # compare
     "pipeline.tools.visualize",  # visualize
+    "pipeline.runs.cli",  # sync-tracking
     "pipeline.demo",  # demo
 )
 

@@ -139,7 +139,17 @@ class TrainConfig(Section):
 
 
 class TrackingConfig(Section):
+    enabled: bool = Field(True, description="false: no MLflow at all; the run's journal only")
     experiment: str = "alignmixup"
     tracking_uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI or sqlite")
     run_name: str | None = None
+    required: bool = Field(
+        False, description="true: stop within 30 s (exit 2) if the tracking store does not answer"
+    )
+    flush_timeout: float = Field(
+        60.0,
+        ge=0,
+        description="s to wait at the end of a run for MLflow; the rest waits in the journal",
+    )
     system_metrics: bool = True
+    system_metrics_interval: float = Field(10.0, gt=0, description="s between system samples")

@@ -23,3 +23,7 @@ class TrainingError(PipelineError):
 
 class CheckpointError(PipelineError):
     """A checkpoint that is missing or does not match the recipe."""
+
+
+class TrackingError(PipelineError):
+    """A tracking store that is required but does not answer, or a journal that cannot be sent."""

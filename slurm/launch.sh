@@ -68,6 +68,20 @@ resolve_settings() {
     if ((NPROC > 1)) && [[ -z ${MAIN_ADDR:-} ]]; then resolve_main_address; fi
 }
 
+# A SQLite MLflow store on a network filesystem breaks as soon as two jobs write to it.
+warn_if_shared_sqlite() {
+    [[ $MLFLOW_TRACKING_URI == sqlite:///* ]] || return 0
+    local dir
+    dir=$(dirname "${MLFLOW_TRACKING_URI#sqlite:///}")
+    while [[ ! -d $dir && $dir != / && $dir != . ]]; do dir=$(dirname "$dir"); done
+    case $(stat -f -c %T "$dir" 2>/dev/null) in
+    nfs* | lustre | gpfs | *beegfs* | cifs | smb* | fuse.*)
+        echo "launch.sh: warning: MLflow store $MLFLOW_TRACKING_URI is SQLite on a network" \
+            "filesystem; with several jobs use an MLflow server (docs/slurm.md)" >&2
+        ;;
+    esac
+}
+
 # MAIN_ADDR: where process 0 listens, the first node's NodeAddr in Slurm, which is its host name
 # on most clusters (`scontrol show hostnames` gives node names, which need not resolve).
 resolve_main_address() {
@@ -201,6 +215,7 @@ main() {
     *) die "unknown argument '$1' (only --print-command)" ;;
     esac
     resolve_settings
+    warn_if_shared_sqlite
     build_command
     if ((print_only)); then
         printf '%q ' "${CMD[@]}"

@@ -76,7 +76,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from pipeline.evaluation.run import evaluate_checkpoint, parse_suite
 
     suite_text = args.suite or DEFAULT_SUITE + (",ood" if args.ood_data else "")
-    results, run_id = evaluate_checkpoint(
+    results, logged = evaluate_checkpoint(
         args.checkpoint,
         parse_suite(suite_text),
         args.ood_data,
@@ -85,8 +85,8 @@ def run_eval(args: argparse.Namespace) -> int:
         log_mlflow=not args.no_mlflow,
     )
     print(results_table(results, f"evaluation of {args.checkpoint} (%)"))
-    if run_id:
-        print(f"logged to mlflow run {run_id}")
+    if logged:
+        print(logged)
     return 0
 
 
@@ -95,7 +95,7 @@ def run_wsol(args: argparse.Namespace) -> int:
     from pipeline.evaluation.report import results_table
     from pipeline.evaluation.run import localize_checkpoint
 
-    scores, run_id = localize_checkpoint(
+    scores, logged = localize_checkpoint(
         args.checkpoint,
         args.data,
         cam_threshold=args.cam_threshold,
@@ -106,8 +106,8 @@ def run_wsol(args: argparse.Namespace) -> int:
         log_mlflow=not args.no_mlflow,
     )
     print(results_table(scores, f"WSOL of {args.checkpoint} on {args.data} ({args.split}, %)"))
-    if run_id:
-        print(f"logged to mlflow run {run_id}")
+    if logged:
+        print(logged)
     return 0
 
 

@@ -34,20 +34,73 @@ def _existing_run(run_id: str | None) -> str | None:
     return run_id
 
 
+def _run_folder(checkpoint: str | Path) -> Path | None:
+    """The training run folder a checkpoint belongs to, when it has a tracking journal."""
+    from pipeline.runs.tracking import FOLDER
+
+    p = Path(checkpoint)
+    for folder in (p, p.parent, p.parent.parent):
+        if (folder / FOLDER / "journal.jsonl").is_file():
+            return folder
+    return None
+
+
 def log_results(
     recipe: Recipe,
-    run_id: str | None,
+    facts: dict,
     checkpoint: str | Path,
     metrics: dict[str, float],
     artifacts: Sequence[Path] = (),
     artifact_path: str | None = None,
 ) -> str:
-    """Log metrics (and artifact files) into the run `run_id` and return its id.
+    """Record evaluation results with the checkpoint's training run; one line saying where.
 
-    The tracking store is the recipe's (else $MLFLOW_TRACKING_URI, as the trainer does). When
-    the checkpoint's run is not in that store, a linked evaluation run is created in the
-    recipe's experiment, tagged with the checkpoint path and the original run id.
+    In a run folder the results join the run's journal (artifacts copied beside it) and are sent
+    at once; if MLflow does not answer they wait there for the next `sync-tracking`, like the
+    run's own metrics. For a model file outside its run folder they are logged directly (into
+    the checkpoint's run if the store has it, else a linked evaluation run); a failure is a
+    warning, and the results are printed either way.
     """
+    if not recipe.tracking.enabled:
+        return "tracking.enabled is false: not logged to MLflow"
+    folder = _run_folder(checkpoint)
+    if folder is not None:
+        return _into_journal(folder, recipe, facts, metrics, artifacts, artifact_path)
+    try:
+        run_id = _direct(
+            recipe, facts.get("mlflow_run_id"), checkpoint, metrics, artifacts, artifact_path
+        )
+    except Exception as exc:  # the results are printed; a tracking failure loses nothing else
+        return f"not logged to MLflow ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+    return f"logged to mlflow run {run_id}"
+
+
+def _into_journal(folder, recipe, facts, metrics, artifacts, artifact_path) -> str:
+    import shutil
+
+    from pipeline.errors import TrackingError
+    from pipeline.runs.journal import Journal
+    from pipeline.runs.tracking import FOLDER, recorded_run_id, resolve_tracking_uri, sync
+
+    journal = Journal(folder / FOLDER)
+    journal.append("metrics", step=int(facts.get("step") or 0), values=metrics)
+    for path in artifacts:
+        kept = folder / (artifact_path or "evaluation") / Path(path).name
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, kept)
+        journal.append("artifact", path=str(kept.resolve()), folder=artifact_path)
+    journal.close()
+    try:
+        sync(folder, resolve_tracking_uri(recipe.tracking.tracking_uri))
+    except TrackingError as exc:
+        return (
+            f"not yet in MLflow ({exc}); kept in {journal.path}: "
+            f"`python -m pipeline sync-tracking {folder}` sends it"
+        )
+    return f"logged to mlflow run {recorded_run_id(folder)}"
+
+
+def _direct(recipe, run_id, checkpoint, metrics, artifacts, artifact_path) -> str:
     import mlflow
 
     from pipeline.runs.tracking import experiment_id, resolve_tracking_uri

@@ -148,7 +148,8 @@ def evaluate_checkpoint(
     overrides: Sequence[str] = (),
     log_mlflow: bool = True,
 ) -> tuple[dict[str, float], str | None]:
-    """Load, evaluate on the recipe's val split (and OOD folders), log; → (results, run id)."""
+    """Load, evaluate on the recipe's val split (and OOD folders), log; → (results, where they
+    were logged, one line; None without logging)."""
     from pipeline.data import build_loaders
     from pipeline.evaluation.ood_data import OodFolder, find_images, ood_sets
     from pipeline.evaluation.report import log_results
@@ -185,11 +186,11 @@ def evaluate_checkpoint(
         ood_batches,
         seed=recipe.train.seed,
     )
-    run_id = None
+    logged = None
     if log_mlflow:
         metrics = {f"eval/{k}": v for k, v in results.items()}
-        run_id = log_results(recipe, extra.get("mlflow_run_id"), checkpoint, metrics)
-    return results, run_id
+        logged = log_results(recipe, extra, checkpoint, metrics)
+    return results, logged
 
 
 def localize_model(
@@ -274,7 +275,8 @@ def localize_checkpoint(
     overrides: Sequence[str] = (),
     log_mlflow: bool = True,
 ) -> tuple[dict[str, float], str | None]:
-    """Load, compute CAMs over a CUB split, score them, log with overlays; → (scores, run id)."""
+    """Load, compute CAMs over a CUB split, score them, log with overlays; → (scores, where they
+    were logged, one line; None without logging)."""
     from pipeline.evaluation.cub_data import CubBoxDataset
     from pipeline.evaluation.report import log_results
     from pipeline.runs.model_file import load_model
@@ -292,10 +294,8 @@ def localize_checkpoint(
         scores, written = localize_model(
             model, dataset, batch, cam_threshold, overlays, folder, _workers(recipe)
         )
-        run_id = None
+        logged = None
         if log_mlflow:
             metrics = {f"wsol/{k}": v for k, v in scores.items()}
-            run_id = log_results(
-                recipe, extra.get("mlflow_run_id"), checkpoint, metrics, written, "wsol_overlays"
-            )
-    return scores, run_id
+            logged = log_results(recipe, extra, checkpoint, metrics, written, "wsol_overlays")
+    return scores, logged

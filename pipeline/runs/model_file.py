@@ -24,6 +24,7 @@ from pipeline.runs.checkpoints import (
     read_meta,
     read_state,
 )
+from pipeline.runs.tracking import recorded_run_id
 
 FINAL_MODEL = "model_final.safetensors"
 _HEADER_KEY = "alignmixup_pipeline"  # the safetensors metadata entry holding the JSON facts
@@ -79,7 +80,8 @@ def _read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Recipe, dict[str, Any]]:
     """`(state dict, recipe, facts)` of a model file, run folder or checkpoint folder.
 
-    `facts` holds `num_classes`, `class_names`, `has_decoder`, `mlflow_run_id` and `step`.
+    `facts` holds `num_classes`, `class_names`, `has_decoder`, `mlflow_run_id` (also when the
+    run reached MLflow only after the file was written) and `step`.
     """
     p = Path(path)
     if p.is_dir() and (p / FINAL_MODEL).is_file():
@@ -87,10 +89,12 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Recipe, dic
     if p.is_file():
         weights, header = _read_model_file(p)
         recipe = Recipe.model_validate(header.pop("recipe"))
+        header["mlflow_run_id"] = header.get("mlflow_run_id") or recorded_run_id(p.parent)
         return weights, recipe, header
     if p.is_dir() and (p / STATE_FILE).is_file():
         state = read_state(p)
-        facts = {**read_meta(p), "mlflow_run_id": state.mlflow_run_id, "step": state.step}
+        run_id = state.mlflow_run_id or recorded_run_id(p.parent.parent)
+        facts = {**read_meta(p), "mlflow_run_id": run_id, "step": state.step}
         return checkpoint_weights(p), load_recipe(p / RECIPE_FILE), facts
     raise CheckpointError(f"{p}: no {FINAL_MODEL} and no checkpoint ({STATE_FILE}) there")
 

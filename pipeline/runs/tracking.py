@@ -1,14 +1,30 @@
-"""MLflow tracking: one run per training run, continued on resume; only the main rank logs."""
+"""Tracking that never stops or slows training: one MLflow run per training run, continued on
+resume, written first to the run's journal and sent to MLflow by a background thread.
+
+Only the main rank tracks. `log` appends one line to `<output_dir>/tracking/journal.jsonl` and
+returns; a thread sends the journal in order (sender.py), retrying with back-off while the
+server is away and back-filling when it answers, into the same run. At the end of a run it
+waits up to `tracking.flush_timeout` seconds; what is still unsent then stays in the journal
+and goes with the next start of the run or `python -m pipeline sync-tracking OUTPUT_DIR`.
+With `tracking.enabled: false`, MLflow is never imported and the journal is the only record.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import TrackingError
 from pipeline.recipe import Recipe, dump_recipe
+from pipeline.runs.journal import Journal
+from pipeline.runs.sender import SendState, pending_bytes, send_pending
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+FOLDER = "tracking"  # inside the run's output folder
 
 
 def resolve_tracking_uri(recipe_uri: str | None = None) -> str:
@@ -30,69 +46,207 @@ def artifact_root(uri: str) -> str | None:
 
 def experiment_id(name: str, uri: str) -> str:
     """The id of experiment `name` at `uri`, created with its artifact root if it is new."""
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_root(uri))
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root(uri))
+    except MlflowException:  # created meanwhile by another job
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def probe(uri: str, timeout: float) -> str | None:
+    """None when the tracking store at `uri` answers within `timeout` s, else why not."""
+    from pipeline.runs.sender import quick_failing_client_settings
+
+    quick_failing_client_settings()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if uri.startswith(("http://", "https://")):
+                import requests
+
+                left = max(1.0, deadline - time.monotonic())
+                requests.get(uri.rstrip("/") + "/health", timeout=left).raise_for_status()
+            else:
+                from mlflow.tracking import MlflowClient
+
+                MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+            return None
+        except Exception as exc:  # any failure to answer is "not reachable"
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        if time.monotonic() + 2 > deadline:
+            return reason
+        time.sleep(2)
+
+
+def recorded_run_id(output_dir: str | Path) -> str | None:
+    """The MLflow run a run folder's journal is delivered to, if it has reached MLflow."""
+    return SendState.read(Path(output_dir) / FOLDER).run_id
+
+
+class _Delivery(threading.Thread):
+    """The background sender: delivers the journal whenever woken, retrying while it fails."""
+
+    def __init__(self, folder: Path, uri: str, journal_path: Path) -> None:
+        super().__init__(name="tracking-sender", daemon=True)
+        self.folder, self.uri, self.journal_path = folder, uri, journal_path
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.failing: str | None = None  # why the last attempt failed, while it does
+
+    def run(self) -> None:
+        backoff = 1.0
+        while True:
+            self.wake.wait(timeout=backoff if self.failing else 5.0)
+            self.wake.clear()
+            try:
+                send_pending(self.folder, self.uri)
+            except Exception as exc:  # never into training: retried, and said once
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                if self.failing is None:
+                    _say(
+                        f"tracking: MLflow at {self.uri} does not answer ({reason}); training "
+                        f"goes on, and what it logs is kept in {self.journal_path} until it does"
+                    )
+                self.failing = reason
+                backoff = min(backoff * 2, 30.0)
+                continue  # also when stopping: end() waits its flush_timeout, not longer
+            if self.failing is not None:
+                _say(f"tracking: MLflow at {self.uri} answers again; the journal is delivered")
+            self.failing, backoff = None, 1.0
+            if self.stopping.is_set():
+                if not pending_bytes(self.folder):
+                    return
+                self.wake.set()  # written while that delivery ran: send it at once
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 class Tracker:
-    """Thin wrapper over MLflow that is a no-op on non-main ranks."""
+    """The run's tracking, a no-op on other ranks than the main one (`enabled`)."""
 
-    def __init__(self, recipe: Recipe, enabled: bool) -> None:
+    def __init__(self, recipe: Recipe, output_dir: str | Path, enabled: bool) -> None:
         self.recipe = recipe
+        self.cfg = recipe.tracking
         self.enabled = enabled
-        self.run_id: str | None = None
+        self.folder = Path(output_dir) / FOLDER
+        self.uri = resolve_tracking_uri(self.cfg.tracking_uri)
+        self.journal: Journal | None = None
+        self._delivery: _Delivery | None = None
+        self._system = None
 
-    def start(self, run_id: str | None, extra_params: dict[str, Any]) -> str | None:
-        """Start a new run, or continue `run_id` (resume) without re-logging params."""
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run, once the journal's start has reached MLflow."""
+        return recorded_run_id(self.folder.parent) if self.enabled else None
+
+    def start(self, extra_params: dict[str, Any]) -> None:
+        """Open the journal (a new run, or a resumed one) and start delivering it."""
         if not self.enabled:
-            return run_id
-        import mlflow
-
-        uri = resolve_tracking_uri(self.recipe.tracking.tracking_uri)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(experiment_id=experiment_id(self.recipe.tracking.experiment, uri))
-        system = self.recipe.tracking.system_metrics
-        if run_id is not None:
-            run = mlflow.start_run(run_id=run_id, log_system_metrics=system)
-        else:
-            run = mlflow.start_run(
-                run_name=self.recipe.tracking.run_name or self.recipe.name,
-                log_system_metrics=system,
+            return
+        if self.cfg.enabled and self.cfg.required:
+            why = probe(self.uri, timeout=30.0)
+            if why is not None:
+                raise TrackingError(
+                    f"tracking.required: MLflow at {self.uri} does not answer ({why})"
+                )
+        if self.cfg.enabled:
+            # Imported here, once: two threads importing MLflow at once can deadlock or fail on
+            # its circular imports.
+            import mlflow.system_metrics.metrics.cpu_monitor
+            import mlflow.tracking  # noqa: F401
+        self.journal = Journal(self.folder)
+        if self.journal.empty():
+            self.journal.append(
+                "start",
+                name=self.cfg.run_name or self.recipe.name,
+                experiment=self.cfg.experiment,
+                tags={"method": self.recipe.method.name, "model": self.recipe.model.name},
+                params={**self.recipe.flat(), **extra_params},
+                recipe=dump_recipe(self.recipe),
             )
-            mlflow.log_params({**self.recipe.flat(), **extra_params})
-            mlflow.log_text(dump_recipe(self.recipe), "recipe.yaml")
-            mlflow.set_tags({"method": self.recipe.method.name, "model": self.recipe.model.name})
-        self.run_id = run.info.run_id
-        return self.run_id
+        else:
+            self.journal.append("resume")
+        if self.cfg.system_metrics and self.cfg.enabled:  # MLflow's monitors measure
+            from pipeline.runs.system_metrics import SystemSampler
+
+            self._system = SystemSampler(self.journal, self.cfg.system_metrics_interval)
+            self._system.start()
+        if self.cfg.enabled:
+            self._delivery = _Delivery(self.folder, self.uri, self.journal.path)
+            self._delivery.start()
+            self._delivery.wake.set()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.enabled and metrics:
-            import mlflow
-
-            mlflow.log_metrics(metrics, step=step)
+        if self.journal is not None and metrics:
+            self.journal.append("metrics", step=step, values=metrics)
 
     def artifact(self, path: Path, folder: str | None = None) -> None:
-        if self.enabled:
-            import mlflow
-
-            mlflow.log_artifact(str(path), artifact_path=folder)
+        if self.journal is not None:
+            self.journal.append("artifact", path=str(Path(path).resolve()), folder=folder)
+            if self._delivery is not None:
+                self._delivery.wake.set()
 
     def history(self, key: str) -> list[tuple[int, float]]:
-        """(step, value) pairs of a metric in this run, the last value per step."""
-        if not self.enabled or self.run_id is None:
-            return []
-        from mlflow.tracking import MlflowClient
-
-        points = MlflowClient().get_metric_history(self.run_id, key)
-        return sorted({m.step: m.value for m in sorted(points, key=lambda m: m.timestamp)}.items())
+        """(step, value) of a metric of this run, from its journal."""
+        return self.journal.history(key) if self.journal is not None else []
 
     def end(self, status: str) -> None:
-        if self.enabled:
-            import mlflow
+        """Record the run's status, then deliver for at most `tracking.flush_timeout` s."""
+        if self.journal is None:
+            return
+        if self._system is not None:
+            self._system.stop()
+        self.journal.append("status", status=status)
+        self._drain()
+        self.journal.close()
+        self.journal = None
 
-            mlflow.end_run(status=status)
+    def deliver_leftovers(self) -> None:
+        """For a run that finished while MLflow was away: deliver the rest now (bounded by
+        `tracking.flush_timeout`), as the run's last start would have."""
+        if self.enabled and self.cfg.enabled and pending_bytes(self.folder):
+            import mlflow.tracking  # noqa: F401  (before the thread: see start)
+
+            self._delivery = _Delivery(self.folder, self.uri, self.folder / "journal.jsonl")
+            self._delivery.start()
+            self._drain()
+
+    def _drain(self) -> None:
+        """Let the sender finish, waiting at most `tracking.flush_timeout` s; say what is left."""
+        if self._delivery is None:
+            return
+        self._delivery.stopping.set()
+        self._delivery.wake.set()
+        self._delivery.join(timeout=self.cfg.flush_timeout)
+        left = pending_bytes(self.folder)
+        if left:
+            _say(
+                f"tracking: {left} bytes of {self.folder / 'journal.jsonl'} not yet delivered to "
+                f"{self.uri}; they go with the next start of this run or with "
+                f"`python -m pipeline sync-tracking {self.folder.parent}`"
+            )
+
+
+def sync(output_dir: str | Path, uri: str | None = None) -> int:
+    """Deliver a run folder's journal now (`sync-tracking`); the entries sent."""
+    folder = Path(output_dir) / FOLDER
+    if not (folder / "journal.jsonl").is_file():
+        raise TrackingError(f"{folder}: no tracking journal (not a run folder of this pipeline?)")
+    target = uri or SendState.read(folder).uri or resolve_tracking_uri()
+    try:
+        return send_pending(folder, target)
+    except ValueError as exc:
+        raise TrackingError(str(exc)) from None
+    except Exception as exc:
+        raise TrackingError(f"MLflow at {target}: {type(exc).__name__}: {exc}") from None

@@ -3,14 +3,15 @@
 Writes `comparison.md`, `comparison.csv`, `val_curves.png` and `error_vs_time.png` to the output
 folder and logs them as artifacts of one run named `compare` in the same experiment (tagged
 `pipeline.kind=compare`, reused on every re-run, never a table row), so the comparison sits
-beside the runs it compares in the MLflow UI.
+beside the runs it compares in the MLflow UI. `--runs DIR ...` compares run folders from their
+tracking journals instead, without MLflow (runs trained with `tracking.enabled: false`).
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import PipelineError
 
@@ -39,6 +40,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db"
     )
     p.add_argument("--no-mlflow", action="store_true", help="write files only, log no compare run")
+    p.add_argument(
+        "--runs",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="compare these run folders from their journals, without MLflow",
+    )
     p.set_defaults(func=run_command)
 
 
@@ -54,13 +62,32 @@ def _compare_run_id(client: MlflowClient, experiment_id: str, runs: list[Run]) -
     return run.info.run_id
 
 
+def write_comparison(
+    rows: list[dict[str, Any]], curves: dict[str, list[tuple[int, float]]], output_dir: Path
+) -> dict[str, Path]:
+    """The table (Markdown, CSV) and plots of `rows`; the written files by kind."""
+    from pipeline.tools import compare_plots, runs_table
+
+    columns = runs_table.columns_for(rows)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    files = {"markdown": output_dir / "comparison.md", "csv": output_dir / "comparison.csv"}
+    files["markdown"].write_text(runs_table.to_markdown(rows, columns))
+    files["csv"].write_text(runs_table.to_csv(rows, columns))
+    plots = {
+        "val_curves": compare_plots.plot_val_curves(curves, output_dir / "val_curves.png"),
+        "error_vs_time": compare_plots.plot_error_vs_time(rows, output_dir / "error_vs_time.png"),
+    }
+    files.update({k: v for k, v in plots.items() if v is not None})
+    return files
+
+
 def compare(
     experiment: str, output_dir: Path, tracking_uri: str | None = None, log: bool = True
 ) -> dict[str, Path]:
     """Build the table and plots for `experiment`; returns the written files by kind."""
     from pipeline.runs import store
     from pipeline.runs.tracking import resolve_tracking_uri
-    from pipeline.tools import compare_plots, runs_table
+    from pipeline.tools import runs_table
 
     uri = resolve_tracking_uri(tracking_uri)
     client, exp = store.open_experiment(experiment, uri)
@@ -68,32 +95,46 @@ def compare(
     rows = runs_table.build_rows(runs)
     if not rows:
         raise PipelineError(f"MLflow experiment {experiment!r} in {uri} has no runs to compare")
-    columns = runs_table.columns_for(rows)
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    files = {"markdown": output_dir / "comparison.md", "csv": output_dir / "comparison.csv"}
-    files["markdown"].write_text(runs_table.to_markdown(rows, columns))
-    files["csv"].write_text(runs_table.to_csv(rows, columns))
     curves = {
         r["run"]: [(m.step, m.value) for m in client.get_metric_history(r["run_id"], VAL_METRIC)]
         for r in rows
     }
-    plots = {
-        "val_curves": compare_plots.plot_val_curves(curves, output_dir / "val_curves.png"),
-        "error_vs_time": compare_plots.plot_error_vs_time(rows, output_dir / "error_vs_time.png"),
-    }
-    files.update({k: v for k, v in plots.items() if v is not None})
-
+    files = write_comparison(rows, curves, output_dir)
     if log:
-        run_id = _compare_run_id(client, exp.experiment_id, runs)
-        for path in files.values():
-            client.log_artifact(run_id, str(path), artifact_path="compare")
+        try:
+            run_id = _compare_run_id(client, exp.experiment_id, runs)
+            for path in files.values():
+                client.log_artifact(run_id, str(path), artifact_path="compare")
+        except Exception as exc:  # the files are written; MLflow only gets a copy
+            print(f"warning: comparison not logged to MLflow at {uri} ({type(exc).__name__})")
     return files
+
+
+def compare_folders(folders: list[Path], output_dir: Path) -> dict[str, Path]:
+    """The same table and plots for run folders, from their tracking journals (no MLflow)."""
+    from pipeline.runs.journal import read_run
+    from pipeline.runs.tracking import FOLDER
+    from pipeline.tools import runs_table
+
+    rows, curves = [], {}
+    for folder in folders:
+        try:
+            record = read_run(Path(folder) / FOLDER)
+        except (OSError, ValueError) as exc:
+            raise PipelineError(
+                f"{folder}: not a run folder with a tracking journal ({exc})"
+            ) from None
+        rows.append(runs_table.row(record.name, record.params, record.metrics, str(folder)))
+        curves[record.name] = record.history.get(VAL_METRIC, [])
+    return write_comparison(runs_table.in_method_order(rows), curves, output_dir)
 
 
 def run_command(args: argparse.Namespace) -> int:
     """CLI entry: write the comparison and print the Markdown table."""
-    files = compare(args.experiment, args.output_dir, args.tracking_uri, log=not args.no_mlflow)
+    if args.runs:
+        files = compare_folders(args.runs, args.output_dir)
+    else:
+        files = compare(args.experiment, args.output_dir, args.tracking_uri, not args.no_mlflow)
     print(files["markdown"].read_text(), end="")
     print("\nwrote " + ", ".join(str(p) for p in files.values()))
     return 0

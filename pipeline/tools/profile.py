@@ -220,6 +220,10 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"wrote {args.output}")
     if not args.no_mlflow:
         uri = resolve_tracking_uri(args.tracking_uri)
-        run_id = log_to_mlflow(records, table, settings, args.experiment, uri)
-        print(f"MLflow run {run_id} in experiment {args.experiment!r} ({uri})")
+        try:
+            run_id = log_to_mlflow(records, table, settings, args.experiment, uri)
+        except Exception as exc:  # the table is printed (and the JSON written): warn only
+            print(f"warning: not logged to MLflow at {uri} ({type(exc).__name__}: {exc})")
+        else:
+            print(f"MLflow run {run_id} in experiment {args.experiment!r} ({uri})")
     return 0

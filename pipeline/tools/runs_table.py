@@ -62,29 +62,36 @@ def is_compare_run(run: Run) -> bool:
     return run.data.tags.get(COMPARE_TAG) == COMPARE_VALUE
 
 
-def run_row(run: Run) -> dict[str, Any]:
+def row(name: str, params: dict[str, Any], metrics: dict[str, float], run_id: str) -> dict:
     """A run's values keyed like the columns: its metrics plus name, method, model, params."""
-    params = run.data.params
-    row: dict[str, Any] = dict(run.data.metrics)
-    row["run"] = run.data.tags.get("mlflow.runName") or run.info.run_id[:8]
-    row["method"] = params.get("method.name", "")
-    row["model"] = params.get("model.name", "")
-    row["num_params"] = (
-        int(params["num_params"]) if params.get("num_params", "").isdigit() else None
-    )
-    row["run_id"] = run.info.run_id
-    return row
+    out: dict[str, Any] = dict(metrics)
+    out["run"] = name
+    out["method"] = str(params.get("method.name", ""))
+    out["model"] = str(params.get("model.name", ""))
+    count = str(params.get("num_params", ""))
+    out["num_params"] = int(count) if count.isdigit() else None
+    out["run_id"] = run_id
+    return out
+
+
+def run_row(run: Run) -> dict[str, Any]:
+    """The row of an MLflow run."""
+    name = run.data.tags.get("mlflow.runName") or run.info.run_id[:8]
+    return row(name, run.data.params, run.data.metrics, run.info.run_id)
+
+
+def in_method_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows in the registry's method order (the paper's), keeping their order within a method;
+    runs of methods not registered here come last."""
+    from pipeline.methods import method_names
+
+    rank = {name: i for i, name in enumerate(method_names())}
+    return sorted(rows, key=lambda r: rank.get(r["method"], len(rank)))  # stable sort
 
 
 def build_rows(runs: list[Run]) -> list[dict[str, Any]]:
-    """Rows for every run except compare runs, in the registry's method order (the paper's),
-    then oldest first; runs of methods not registered here come last."""
-    from pipeline.methods import method_names
-
-    order = method_names()
-    rows = [run_row(r) for r in runs if not is_compare_run(r)]
-    rank = {name: i for i, name in enumerate(order)}
-    return sorted(rows, key=lambda r: rank.get(r["method"], len(order)))  # stable sort
+    """Rows for every MLflow run except compare runs, in method order, then oldest first."""
+    return in_method_order([run_row(r) for r in runs if not is_compare_run(r)])
 
 
 def _ood_names(rows: list[dict[str, Any]]) -> list[str]:

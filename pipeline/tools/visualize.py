@@ -114,7 +114,10 @@ def log_to_run(path: Path, run_id: str | None, tracking_uri: str | None) -> str:
         client.get_run(run_id)
     except MlflowException:
         return f"not logged to MLflow (run {run_id} is not in {uri})"
-    client.log_artifact(run_id, str(path), artifact_path="visualize")
+    try:
+        client.log_artifact(run_id, str(path), artifact_path="visualize")
+    except Exception as exc:  # the PNG is written; MLflow only gets a copy
+        return f"not logged to MLflow at {uri} ({type(exc).__name__})"
     return f"logged to MLflow run {run_id} ({uri}) under visualize/"
 
 

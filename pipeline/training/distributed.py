@@ -1,4 +1,4 @@
-"""The two collectives the loop needs besides DDP's own: "did any rank…?" and "rank 0 says…"."""
+"""The collective the loop needs besides DDP's own: "did any rank…?"."""
 
 from __future__ import annotations
 
@@ -11,12 +11,3 @@ def any_rank(accelerator, flags: torch.Tensor) -> torch.Tensor:
     if accelerator.num_processes > 1:
         torch.distributed.all_reduce(merged, op=torch.distributed.ReduceOp.MAX)
     return merged > 0
-
-
-def broadcast_str(accelerator, value: str | None) -> str | None:
-    """The main rank's value on every rank (the MLflow run id is created there)."""
-    if accelerator.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([value])[0]

@@ -22,7 +22,7 @@ from pipeline.runs.checkpoints import TrainerState, latest_checkpoint, read_stat
 from pipeline.runs.model_file import FINAL_MODEL, model_facts, read_weights, save_final_model
 from pipeline.runs.tracking import Tracker
 from pipeline.training.curves import plot_curves
-from pipeline.training.distributed import any_rank, broadcast_str
+from pipeline.training.distributed import any_rank
 from pipeline.training.optim import build_optimizer, build_schedule, scaled_lr
 from pipeline.training.preempt import PreemptionWatch
 from pipeline.training.step import MethodRunner, step_generator, train_step
@@ -83,7 +83,7 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.state = TrainerState()
         self.last_val: tuple[float | None, float | None] = (None, None)  # top-1, top-5 error
-        self.tracker = Tracker(recipe, enabled=acc.is_main_process)
+        self.tracker = Tracker(recipe, self.output_dir, enabled=acc.is_main_process)
         self.watch = PreemptionWatch(self.output_dir)
 
     # ----------------------------------------------------------------- resume
@@ -108,17 +108,16 @@ class Trainer:
         self._resume()
         if self.state.finished:
             self._print(f"run in {self.output_dir} already finished; nothing to do")
+            self.tracker.deliver_leftovers()
             return self._summary(started, timing=None)
-        self.state.mlflow_run_id = self.tracker.start(
-            self.state.mlflow_run_id,
+        self.tracker.start(
             {
                 "num_params": self.num_params,
                 "world_size": acc.num_processes,
                 "lr_scaled": self.base_lr,
                 "steps_per_epoch": self.steps_per_epoch,
-            },
+            }
         )
-        self.state.mlflow_run_id = broadcast_str(acc, self.state.mlflow_run_id)
         if self.loaders.skipped:
             self.tracker.log({"data/skipped_files": float(len(self.loaders.skipped))}, 0)
         try:
@@ -268,6 +267,7 @@ class Trainer:
         return model_facts(self.model, self.num_classes, self.loaders.class_names)
 
     def _checkpoint(self) -> None:
+        self.state.mlflow_run_id = self.tracker.run_id or self.state.mlflow_run_id
         save_checkpoint(
             self.accelerator,
             self.output_dir,
@@ -302,7 +302,7 @@ class Trainer:
             msec_per_batch=timing[0] if timing else None,
             images_per_s=timing[1] if timing else None,
             wall_s=time.perf_counter() - started,
-            mlflow_run_id=self.state.mlflow_run_id,
+            mlflow_run_id=self.tracker.run_id or self.state.mlflow_run_id,
             output_dir=str(self.output_dir),
             preempted=preempted,
             skipped_files=list(self.loaders.skipped),
