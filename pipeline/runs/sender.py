@@ -50,6 +50,31 @@ def quick_failing_client_settings() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 
+_READY: set[str] = set()
+
+
+def client_for(uri: str):
+    """An MlflowClient for `uri`. A new SQLite store creates its tables on first use, and jobs
+    starting at once would run those migrations together and break the file; so the first use
+    in each process takes an exclusive lock beside the database (`<db>.lock`) around it."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    if uri.startswith("sqlite:///") and uri not in _READY:
+        import fcntl
+
+        db = Path(uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{db}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                client.search_experiments(max_results=1)  # creates or upgrades the tables
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        _READY.add(uri)
+    return client
+
+
 def _params(values: dict[str, Any]):
     from mlflow.entities import Param
 
@@ -105,8 +130,6 @@ def send_pending(folder: Path, uri: str, stop=None) -> int:
     Raises whatever MLflow raises (the caller retries); what was delivered stays recorded.
     `stop`, a threading.Event, ends the loop between calls.
     """
-    from mlflow.tracking import MlflowClient
-
     quick_failing_client_settings()
     state = SendState.read(folder)
     if state.uri not in (None, uri):
@@ -115,7 +138,7 @@ def send_pending(folder: Path, uri: str, stop=None) -> int:
             f"{folder / STATE} away to send the whole journal to {uri} as a new run)"
         )
     state.uri = uri
-    client = MlflowClient(tracking_uri=uri)
+    client = client_for(uri)
     sent = 0
     pending: list[dict] = []
     end = state.offset

@@ -47,9 +47,10 @@ def artifact_root(uri: str) -> str | None:
 def experiment_id(name: str, uri: str) -> str:
     """The id of experiment `name` at `uri`, created with its artifact root if it is new."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
+    from pipeline.runs.sender import client_for
+
+    client = client_for(uri)
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
@@ -76,9 +77,9 @@ def probe(uri: str, timeout: float) -> str | None:
                 left = max(1.0, deadline - time.monotonic())
                 requests.get(uri.rstrip("/") + "/health", timeout=left).raise_for_status()
             else:
-                from mlflow.tracking import MlflowClient
+                from pipeline.runs.sender import client_for
 
-                MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+                client_for(uri).search_experiments(max_results=1)
             return None
         except Exception as exc:  # any failure to answer is "not reachable"
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
