@@ -52,6 +52,11 @@ class ModelConfig(Section):
     num_classes: int | None = Field(None, ge=2, description="None: from the dataset")
     pretrained: str | None = Field(None, description="path to a checkpoint to start from")
     output_stride: Literal[8, 16, 32] = 32
+    zero_init_last: bool | None = Field(
+        None,
+        description="timm ResNets: zero the last BatchNorm of each residual branch (timm: "
+        "True); False: every BatchNorm weight 1, as the authors; None: the model's default",
+    )
     channels_last: bool = True
     compile: bool = False
     ae: AEConfig = Field(default_factory=AEConfig)

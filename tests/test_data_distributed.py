@@ -7,13 +7,11 @@ ids it actually decoded; rank 0 all-gathers them and writes them out for the tes
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 from PIL import Image
+
+from tests.gloo import run_two_ranks
 
 N = 40  # 2 ranks × batch 4 = 8 per step: 5 steps, no padding
 
@@ -61,21 +59,8 @@ def test_two_gloo_ranks_disjoint_and_cover(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / "result.json"
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
     store = tmp_path / "store"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(rank), str(root), str(store), str(out)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    logs = [p.communicate(timeout=180)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
+    run_two_ranks(script, [str(root), str(store), str(out)], timeout=180)
     result = json.loads(out.read_text())
     for backend in ("dali", "torchvision"):
         train = result[f"{backend}/train"]

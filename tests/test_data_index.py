@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -20,6 +18,7 @@ from pipeline.data import build_loaders
 from pipeline.data.cli import register
 from pipeline.data.index import indexed_split
 from pipeline.errors import DataError
+from tests.gloo import run_two_ranks
 
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:nvidia.dali")
 REPO = Path(__file__).resolve().parent.parent
@@ -197,20 +196,8 @@ def test_two_gloo_ranks_starting_at_once_scan_once_and_share_the_index(tree, tmp
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / "result.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     store = tmp_path / "store"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(rank), str(tree), str(store), str(out)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    logs = [p.communicate(timeout=180)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
+    run_two_ranks(script, [str(tree), str(store), str(out)], timeout=180)
     rank0, rank1 = json.loads(out.read_text())
     # One scan per split, on rank 0; each rank checked its half of the 12 files.
     assert rank0["calls"]["scan"] == 2 and rank1["calls"]["scan"] == 0

@@ -161,6 +161,7 @@ def test_a_method_registered_in_a_test_file_trains(twice_mixed, tiny_overrides, 
     assert {k for k in run.data.params if k.startswith("method.")} == {
         "method.name",
         "method.alpha",
+        "method.draws",
         "method.rounds",
     }
     assert run.data.metrics["method/rounds"] == 3.0
@@ -183,6 +184,12 @@ def test_a_name_is_registered_once(twice_mixed):
         (["method.name=manifold_mixup", "method.manifold_levels=[1]"], "method.manifold_levels"),
         (["method.name=puzzlemix"], r"'method\.name': unknown method 'puzzlemix'; registered: "),
         (["method.name=manifold_mixup", "method.levels=[]"], r"'method\.levels'"),
+        (
+            ["method.name=manifold_mixup", "method.levels=[0,-1]"],
+            r"'method\.levels\.1'.*equal to 0",
+        ),
+        (["method.name=alignmixup", "method.draws=per_gpu"], r"'method\.draws'"),
+        (["model.zero_init_last=maybe"], r"'model\.zero_init_last'"),
     ],
 )
 def test_bad_method_settings_name_the_key(overrides, message):
@@ -197,6 +204,33 @@ def test_a_manifold_level_the_model_lacks_is_an_error():
         method.build_model(recipe.model, K)
     at_a = _recipe("manifold_mixup", "method.levels=[4]")  # level 4 is A: a level like others
     assert build_method(at_a.method).build_model(at_a.model, K).num_levels == 4
+
+
+def test_manifold_mixup_refuses_a_model_that_runs_as_one_stage():
+    recipe = _recipe("manifold_mixup", "model.name=vit_tiny_patch16_224", "model.output_stride=32")
+    with pytest.raises(RecipeError, match=r"model\.name: 'vit_tiny_patch16_224' runs as a single"):
+        build_method(recipe.method).build_model(recipe.model, K)
+
+
+def test_zero_init_last_reaches_timm_and_model_keys_timm_lacks_are_named():
+    def last_bn_weights(*overrides):
+        recipe = _recipe("baseline", *overrides)
+        model = build_method(recipe.method).build_model(recipe.model, K)
+        return [
+            block.bn2.weight
+            for stage in model.stages
+            for block in stage.modules()
+            if type(block).__name__ == "BasicBlock"
+        ]
+
+    # timm zeroes the last BatchNorm of every residual branch; the authors' ResNet sets all to 1
+    assert all((w == 0).all() for w in last_bn_weights())
+    assert all((w == 1).all() for w in last_bn_weights("model.zero_init_last=false"))
+    vit = ["model.name=vit_tiny_patch16_224", "model.output_stride=32"]
+    for key, value in (("zero_init_last", "false"), ("output_stride", "16")):
+        bad = _recipe("baseline", *vit, f"model.{key}={value}")
+        with pytest.raises(RecipeError, match=rf"model\.{key}: timm model 'vit_tiny"):
+            build_method(bad.method).build_model(bad.model, K)
 
 
 def test_the_method_name_cannot_be_reassigned():

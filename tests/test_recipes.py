@@ -83,6 +83,7 @@ def test_imagenet_recipes_hold_the_authors_settings(name):
     assert r.name == name
     assert r.method.name == name.removeprefix("imagenet_")
     assert (r.model.name, r.model.output_stride, r.model.pretrained) == ("resnet50", 32, None)
+    assert r.model.zero_init_last is False  # every BatchNorm weight 1, as the authors' ResNet
     d = r.data
     assert (d.layout, d.train_size, d.flip) == ("imagefolder", 224, True)
     assert tuple(d.crop_area) == (0.08, 1.0)
@@ -109,9 +110,14 @@ def test_alignmixup_uses_the_authors_sinkhorn_and_the_ae_its_clean_fifth():
     for name in ("imagenet_alignmixup", "imagenet_alignmixup_ae"):
         m = recipe(name).method
         assert (m.sinkhorn, m.sinkhorn_eps, m.sinkhorn_max_iter) == ("authors", 0.1, 100)
+        assert m.draws == "per_rank"  # their DataParallel run drew per GPU's chunk
     ae = recipe("imagenet_alignmixup_ae").method
     assert ae.clean_prob == 0.2  # the decoder trains on 1/5 of the batches (paper §4)
     assert list(ae.mix_levels) == ["x", "A", "e"]  # the ablation's best setting
+
+
+def test_manifold_mixup_draws_its_level_as_verma_et_al_and_puzzlemix():
+    assert list(recipe("imagenet_manifold_mixup").method.levels) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("name", IMAGENET)

@@ -9,10 +9,10 @@ import ot
 import pytest
 import timm
 import torch
-from sklearn.datasets import load_sample_images
 
 from pipeline.mixing import SinkhornResult, sinkhorn, squared_cost
 from tests.authors_reference import authors_sinkhorn
+from tests.photos import photo_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -154,17 +154,7 @@ def test_sinkhorn_rejects_bad_arguments():
 def resnet50_costs() -> dict[str, torch.Tensor]:
     """Costs between last-stage ResNet-50 features of 8 photo crops and their rolled partners."""
     torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    photos = load_sample_images().images  # china.jpg, flower.jpg (427×640)
-    crops = []
-    for i in range(8):
-        photo = photos[i % 2]
-        y, x = rng.integers(0, photo.shape[0] - 224), rng.integers(0, photo.shape[1] - 224)
-        crops.append(photo[y : y + 224, x : x + 224])
-    images = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255
-    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    images = (images - mean) / std
+    images = photo_batch(8)
     model = timm.create_model("resnet50", pretrained=False)
     costs = {}
     for name, train in (("train", True), ("eval", False)):

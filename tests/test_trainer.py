@@ -250,6 +250,7 @@ from pipeline.recipe import load_recipe
 from pipeline.training import Trainer
 trainer = Trainer(load_recipe(None, sys.argv[2:]))
 rank = trainer.accelerator.process_index
+assert trainer.method.rank == rank  # what method.draws=per_rank draws apart
 snapshot = lambda: {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
 torch.save(snapshot(), f"{sys.argv[1]}/initial{rank}.pt")
 trainer.fit()
@@ -271,6 +272,7 @@ def test_two_process_gloo_ddp_ends_with_identical_parameters(
     overrides = tiny_overrides(
         "name=ddp",
         "method.name=alignmixup_ae",
+        "method.draws=per_rank",  # ranks may take different branches (clean / mixed) in a step
         "train.max_steps=4",
         "model.ae.embed_channels=16",
         "model.ae.decoder_width=16",

@@ -25,10 +25,18 @@ class AlignSettings(MixSettings):
     sinkhorn_max_iter: int | None = Field(
         None, ge=1, description="None: 100 for authors, 1000 for converged"
     )
+    sinkhorn_tol: float = Field(
+        1e-3, gt=0, lt=1, description="converged: stop once both marginals are within this"
+    )
 
     def solver(self) -> dict[str, Any]:
         """Keyword arguments of `align_mix`, `align_features` and `sinkhorn`."""
-        return {"mode": self.sinkhorn, "eps": self.sinkhorn_eps, "max_iter": self.sinkhorn_max_iter}
+        return {
+            "mode": self.sinkhorn,
+            "eps": self.sinkhorn_eps,
+            "max_iter": self.sinkhorn_max_iter,
+            "tol": self.sinkhorn_tol,
+        }
 
 
 class Aligner:
@@ -37,8 +45,8 @@ class Aligner:
     settings: AlignSettings
     timer: Any
 
-    def aligned(self, a: Tensor, s: MixSample, rng: torch.Generator) -> Tensor:
-        direction = uniform_choice((0, 1), rng)
+    def aligned(self, a: Tensor, s: MixSample, choices: torch.Generator) -> Tensor:
+        direction = uniform_choice((0, 1), choices)
         with self.timer.section("align", a.device):
             return align_mix(a, a[s.perm], s.lam, direction, **self.settings.solver())
 
@@ -51,14 +59,15 @@ class AlignMixup(Aligner, Method):
     table_order = 60
 
     def __call__(self, model: MixNet, images: Tensor, labels: Tensor, rng: torch.Generator):
-        s = sample_mix(images.shape[0], self.settings.alpha, images.device, generator=rng)
-        at_input = coin(0.5, rng)
+        choices = self.choice_generator(rng)
+        s = sample_mix(images.shape[0], self.settings.alpha, images.device, rng, choices)
+        at_input = coin(0.5, choices)
         if at_input:
             with self.timer.section("mix", images.device):
                 images = input_mixup(images, s.perm, s.lam)
             logits = model(images)
         else:
-            logits = model.head(self.aligned(model.features(images), s, rng))
+            logits = model.head(self.aligned(model.features(images), s, choices))
         loss = mixed_cross_entropy(logits, labels, s.perm, s.lam, self.label_smoothing)
         stats = {"lam": torch.tensor(s.lam), "aligned": torch.tensor(float(not at_input))}
         return MethodOutput(loss, logits, stats)

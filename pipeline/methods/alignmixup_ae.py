@@ -38,7 +38,8 @@ class AlignMixupAE(Aligner, Method):
 
     def __call__(self, model: MixNet, images: Tensor, labels: Tensor, rng: torch.Generator):
         cfg = self.settings
-        if coin(cfg.clean_prob, rng):
+        choices = self.choice_generator(rng)
+        if coin(cfg.clean_prob, choices):
             e = model.embed(model.features(images))
             logits = model.classify(e)
             with self.timer.section("decode", images.device):
@@ -47,14 +48,14 @@ class AlignMixupAE(Aligner, Method):
             stats = {"recon": recon.detach(), "clean": torch.tensor(1.0)}
             return MethodOutput(loss, logits, stats)
 
-        level = uniform_choice(cfg.mix_levels, rng)
-        s = sample_mix(images.shape[0], cfg.alpha, images.device, generator=rng)
+        level = uniform_choice(cfg.mix_levels, choices)
+        s = sample_mix(images.shape[0], cfg.alpha, images.device, rng, choices)
         if level == "x":
             with self.timer.section("mix", images.device):
                 images = input_mixup(images, s.perm, s.lam)
         a = model.features(images)
         if level == "A":
-            a = self.aligned(a, s, rng)
+            a = self.aligned(a, s, choices)
         e = model.embed(a)
         if level == "e":
             with self.timer.section("mix", images.device):

@@ -25,14 +25,18 @@ class AlignMixupOrCutMix(Method):
     Settings = AlignMixupOrCutMixSettings
     table_order = 80
 
-    def __init__(self, settings: AlignMixupOrCutMixSettings, label_smoothing: float = 0.0):
-        super().__init__(settings, label_smoothing)
+    def __init__(
+        self, settings: AlignMixupOrCutMixSettings, label_smoothing: float = 0.0, rank: int = 0
+    ):
+        super().__init__(settings, label_smoothing, rank)
         shared = settings.model_dump(exclude={"name", "cutmix_alpha", "cutmix_prob"})
-        cutmix = CutMixSettings(name=CutMix.name, alpha=settings.cutmix_alpha)
-        self.cutmix = CutMix(cutmix, label_smoothing)
-        self.alignmixup = AlignMixup(AlignSettings(name=AlignMixup.name, **shared), label_smoothing)
+        cutmix = CutMixSettings(name=CutMix.name, alpha=settings.cutmix_alpha, draws=settings.draws)
+        self.cutmix = CutMix(cutmix, label_smoothing, rank)
+        aligned = AlignSettings(name=AlignMixup.name, **shared)
+        self.alignmixup = AlignMixup(aligned, label_smoothing, rank)
         self.cutmix.timer = self.alignmixup.timer = self.timer
 
     def __call__(self, model: MixNet, images: Tensor, labels: Tensor, rng: torch.Generator):
-        chosen = self.cutmix if coin(self.settings.cutmix_prob, rng) else self.alignmixup
+        cut = coin(self.settings.cutmix_prob, self.choice_generator(rng))
+        chosen = self.cutmix if cut else self.alignmixup
         return chosen(model, images, labels, rng)

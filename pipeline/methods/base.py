@@ -2,8 +2,11 @@
 
 A method turns one batch into a loss. It is called inside the training step's autocast as
 `method(model, images, labels, rng)`; `rng` is a CPU generator seeded from (seed, step), the same
-on every rank, so batch-level choices (λ, partner, layer, direction, CutMix box) agree across
-ranks and are reproduced exactly on resume. A method takes every random choice from `rng`.
+on every rank, and a method takes every random choice from it, so a resumed step draws what the
+first attempt drew. λ always comes from `rng`, so every rank mixes with the same λ; the other
+choices (partner, layer, direction, CutMix box) come from `choice_generator(rng)`: `rng` itself
+under `method.draws: global` (one draw for the global batch), a generator of this rank's own
+under `per_rank` (one draw per GPU's chunk, as the authors' DataParallel run; docs/mixing.md).
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 from torch import Tensor, nn
@@ -29,6 +33,11 @@ class MixSettings(MethodSettings):
     """Settings of a method that mixes pairs: λ ~ Beta(α, α)."""
 
     alpha: float = Field(2.0, gt=0, description="λ ~ Beta(α, α)")
+    draws: Literal["global", "per_rank"] = Field(
+        "global",
+        description="partner, layer, direction, box: one draw per step for the global batch, "
+        "or one per rank (λ is always shared); docs/mixing.md",
+    )
 
 
 @dataclass
@@ -96,14 +105,27 @@ class Method:
     unused_parameters: ClassVar[tuple[str, ...]] = ()
     table_order: ClassVar[int] = 100  # row position in profile and compare tables
 
-    def __init__(self, settings: MethodSettings, label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self, settings: MethodSettings, label_smoothing: float = 0.0, rank: int = 0
+    ) -> None:
         if not isinstance(settings, self.Settings):
             raise TypeError(
                 f"{type(self).__name__} takes {self.Settings.__name__}, got {type(settings)}"
             )
         self.settings = settings
         self.label_smoothing = label_smoothing
+        self.rank = rank  # the process's global rank: what `draws: per_rank` draws apart
         self.timer = SectionTimer()
+
+    def choice_generator(self, rng: torch.Generator) -> torch.Generator:
+        """Where this step's choices other than λ come from: `rng` under `draws: global`; under
+        `per_rank`, a generator seeded from one draw of `rng` and this rank, so the ranks'
+        choices differ while a resumed step (same seed, step, rank) draws the same again."""
+        if getattr(self.settings, "draws", "global") == "global":
+            return rng
+        step_seed = int(torch.randint(2**62, (1,), generator=rng))
+        seed = np.random.SeedSequence([step_seed, self.rank]).generate_state(1, np.uint64)[0]
+        return torch.Generator().manual_seed(int(seed))
 
     def build_model(self, cfg: ModelConfig, num_classes: int) -> MixNet:
         """The model this method trains: `cfg`'s backbone, with what the method needs."""

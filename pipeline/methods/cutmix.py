@@ -25,9 +25,10 @@ class CutMix(Method):
     table_order = 20
 
     def __call__(self, model: MixNet, images: Tensor, labels: Tensor, rng: torch.Generator):
-        s = sample_mix(images.shape[0], self.settings.alpha, images.device, generator=rng)
+        choices = self.choice_generator(rng)
+        s = sample_mix(images.shape[0], self.settings.alpha, images.device, rng, choices)
         with self.timer.section("mix", images.device):
-            mixed, lam = cutmix(images, s.perm, s.lam, generator=rng)
+            mixed, lam = cutmix(images, s.perm, s.lam, generator=choices)
         logits = model(mixed)
         loss = mixed_cross_entropy(logits, labels, s.perm, lam, self.label_smoothing)
         return MethodOutput(loss, logits, {"lam": torch.tensor(lam)})

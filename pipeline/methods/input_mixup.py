@@ -19,7 +19,8 @@ class InputMixup(Method):
     table_order = 10
 
     def __call__(self, model: MixNet, images: Tensor, labels: Tensor, rng: torch.Generator):
-        s = sample_mix(images.shape[0], self.settings.alpha, images.device, generator=rng)
+        choices = self.choice_generator(rng)
+        s = sample_mix(images.shape[0], self.settings.alpha, images.device, rng, choices)
         with self.timer.section("mix", images.device):
             mixed = input_mixup(images, s.perm, s.lam)
         logits = model(mixed)

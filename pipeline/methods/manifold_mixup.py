@@ -1,6 +1,13 @@
-"""Manifold mixup (Verma et al., 2019): mix the hidden state after a randomly drawn stage."""
+"""Manifold mixup (Verma et al., 2019): mix the hidden state after a randomly drawn stage.
+
+By default the level is drawn from {0, 1, 2} (the input, after stage 1, after stage 2), as in
+Verma et al.'s code and in PuzzleMix's ImageNet code, where the paper's baseline figures come
+from (docs/mixing.md).
+"""
 
 from __future__ import annotations
+
+from typing import Annotated
 
 import torch
 from pydantic import Field
@@ -14,8 +21,8 @@ from pipeline.models import MixNet
 
 
 class ManifoldMixupSettings(MixSettings):
-    levels: list[int] = Field(
-        default_factory=lambda: [0, 1, 2, 3],
+    levels: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: [0, 1, 2],
         min_length=1,
         description="levels to draw from (0 = input, k = after stage k; docs/models.md)",
     )
@@ -29,6 +36,12 @@ class ManifoldMixup(Method):
     table_order = 30
 
     def check_model(self, model: MixNet) -> None:
+        if model.num_levels < 2:
+            raise RecipeError(
+                f"model.name: {model.timm_name!r} runs as a single stage here (no levels between "
+                "the input and A), so manifold mixup would be input mixup or mixing at A; use "
+                "a model split into stages (ResNets, ConvNeXt, ...) or another method"
+            )
         beyond = [k for k in self.settings.levels if not 0 <= k <= model.num_levels]
         if beyond:
             raise RecipeError(
@@ -37,8 +50,9 @@ class ManifoldMixup(Method):
             )
 
     def __call__(self, model: MixNet, images: Tensor, labels: Tensor, rng: torch.Generator):
-        level = uniform_choice(self.settings.levels, rng)
-        s = sample_mix(images.shape[0], self.settings.alpha, images.device, generator=rng)
+        choices = self.choice_generator(rng)
+        level = uniform_choice(self.settings.levels, choices)
+        s = sample_mix(images.shape[0], self.settings.alpha, images.device, rng, choices)
         hidden = model.forward_levels(images, 0, level)
         with self.timer.section("mix", images.device):
             hidden = mix(hidden, hidden[s.perm], s.lam)

@@ -63,6 +63,7 @@ def settings_class(name: str) -> type[MethodSettings]:
     return method_class(name).Settings
 
 
-def build_method(settings: MethodSettings, label_smoothing: float = 0.0) -> Method:
-    """The method `settings.name` names, with those settings (a recipe's `method` section)."""
-    return method_class(settings.name)(settings, label_smoothing)
+def build_method(settings: MethodSettings, label_smoothing: float = 0.0, rank: int = 0) -> Method:
+    """The method `settings.name` names, with those settings (a recipe's `method` section), for
+    the process of global rank `rank` (what `method.draws: per_rank` draws apart)."""
+    return method_class(settings.name)(settings, label_smoothing, rank)

@@ -55,9 +55,11 @@ def sample_mix(
     alpha: float,
     device: torch.device | str,
     generator: torch.Generator | None = None,
+    perm_generator: torch.Generator | None = None,
 ) -> MixSample:
     """Draw λ ~ Beta(α, α) and a random permutation for one batch, on torch's CPU RNG.
 
+    λ comes from `generator`, the permutation from `perm_generator` (default: `generator`).
     Without `generator` the draw uses torch's global CPU RNG, whose state Accelerate saves
     in checkpoints, so a resumed run draws the same sequence. The permutation is moved to
     `device` (drawing on the CPU keeps λ a Python float without a device sync).
@@ -70,7 +72,9 @@ def sample_mix(
     # by one draw from the torch generator: still governed by `generator` (or the global RNG).
     seed = int(torch.randint(2**62, (1,), generator=generator))
     lam = float(np.random.default_rng(seed).beta(alpha, alpha))
-    perm = torch.randperm(batch_size, generator=generator)
+    if perm_generator is None:
+        perm_generator = generator
+    perm = torch.randperm(batch_size, generator=perm_generator)
     if torch.device(device).type == "cuda":
         # From pinned memory the copy is asynchronous; from pageable memory it would wait for
         # the GPU to finish queued work, i.e. synchronise every training step.

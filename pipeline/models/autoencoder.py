@@ -83,9 +83,16 @@ class AutoEncoderMixNet(MixNet):
 
     has_decoder = True
 
-    def __init__(self, name: str, num_classes: int, cfg: AEConfig, output_stride: int = 32) -> None:
+    def __init__(
+        self,
+        name: str,
+        num_classes: int,
+        cfg: AEConfig,
+        output_stride: int = 32,
+        zero_init_last: bool | None = None,
+    ) -> None:
         self._embed_channels = cfg.embed_channels
-        super().__init__(name, num_classes, output_stride)
+        super().__init__(name, num_classes, output_stride, zero_init_last)
         self.embedding = _conv_bn_relu(self.feature_channels, cfg.embed_channels, k=1)
         if cfg.decoder_output_stride > output_stride:
             raise RecipeError(

@@ -63,15 +63,31 @@ def split_stages(backbone: nn.Module) -> list[nn.Module]:
     return [_ForwardFeatures(backbone)]
 
 
-def create_backbone(name: str, output_stride: int = 32) -> tuple[list[nn.Module], int]:
-    """A timm model without its head, as stages, and its number of feature channels."""
-    kwargs = {"num_classes": 0, "global_pool": ""}
+def create_backbone(
+    name: str, output_stride: int = 32, zero_init_last: bool | None = None
+) -> tuple[list[nn.Module], int]:
+    """A timm model without its head, as stages, and its number of feature channels.
+
+    `zero_init_last` goes to timm (ResNets: zero the last BatchNorm weight of each residual
+    branch, timm's default; False: every BatchNorm weight 1, as the AlignMixup authors'
+    ResNet); None keeps the model's own default.
+    """
+    kwargs: dict = {"num_classes": 0, "global_pool": ""}
     if output_stride != 32:
         kwargs["output_stride"] = output_stride
+    if zero_init_last is not None:
+        kwargs["zero_init_last"] = zero_init_last
     try:
         backbone = timm.create_model(name, pretrained=False, **kwargs)
     except RuntimeError as exc:  # timm raises RuntimeError for unknown model names
         raise RecipeError(f"model.name: timm has no model {name!r} ({exc})") from None
+    except TypeError as exc:  # a keyword the model's class does not take
+        key = next((k for k in ("zero_init_last", "output_stride") if k in str(exc)), None)
+        if key is None:
+            raise
+        raise RecipeError(
+            f"model.{key}: timm model {name!r} has no such setting; leave it at its default"
+        ) from None
     return split_stages(backbone), int(backbone.num_features)
 
 
@@ -80,9 +96,16 @@ class MixNet(nn.Module):
 
     has_decoder = False
 
-    def __init__(self, name: str, num_classes: int, output_stride: int = 32) -> None:
+    def __init__(
+        self,
+        name: str,
+        num_classes: int,
+        output_stride: int = 32,
+        zero_init_last: bool | None = None,
+    ) -> None:
         super().__init__()
-        stages, self.feature_channels = create_backbone(name, output_stride)
+        self.timm_name = name
+        stages, self.feature_channels = create_backbone(name, output_stride, zero_init_last)
         self.stages = nn.ModuleList(stages)
         self.classifier = nn.Linear(self._head_channels(), num_classes)
 

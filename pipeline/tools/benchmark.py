@@ -127,7 +127,7 @@ def build_bench(
     from pipeline.training.step import MethodRunner, step_generator, train_step
 
     recipe = recipe_for(method, s)
-    chosen = build_method(recipe.method, recipe.optim.label_smoothing)
+    chosen = build_method(recipe.method, recipe.optim.label_smoothing, accelerator.process_index)
     model = chosen.build_model(recipe.model, s.num_classes)
     params = count_parameters(model)
     if s.channels_last:

@@ -44,3 +44,23 @@ def decoded_interpolations(
     mixed = torch.cat([mix(first, second, lam) for first, second in pairs for lam in lambdas])
     decoded = model.decode(model.embed(mixed))
     return decoded.view(len(pairs), len(lambdas), *decoded.shape[1:])
+
+
+def alignment_effect(decoded: Tensor) -> Tensor:
+    """(2, len(lambdas)): mean |aligned − unaligned| over pixels and channels, for eq. 11 (row 0)
+    and eq. 12 (row 1) at each λ; `decoded` as from `decoded_interpolations`. Zero where the
+    equations reduce to unaligned mixing (eq. 11 at λ = 1, eq. 12 at λ = 0) or R is the
+    identity; how far above zero the rest are is how much alignment changes the picture."""
+    return (decoded[1:] - decoded[:1]).abs().flatten(2).mean(-1)
+
+
+def effect_table(effect: Tensor, lambdas: tuple[float, ...] = LAMBDAS) -> str:
+    """The mean |aligned − unaligned| per λ as a Markdown table, one row per equation."""
+    from pipeline.runs.table import format_table
+
+    headers = ["mean abs(aligned − unaligned)", *(f"λ = {lam:g}" for lam in lambdas)]
+    rows = [
+        [label, *(f"{v:.3f}" for v in values.tolist())]
+        for (label, _), values in zip(ROWS[1:], effect, strict=True)
+    ]
+    return format_table(headers, rows)

@@ -3,7 +3,9 @@
 Loads an AlignMixup/AE model, preprocesses the two images with its recipe's validation
 transform, and decodes the interpolations λ ∈ {1, 0.75, 0.5, 0.25, 0} between their feature
 tensors: unaligned, aligned by eq. 11 and aligned by eq. 12 (one row each, the input images at
-both ends). The PNG is also logged to the checkpoint's MLflow run when that store is reachable.
+both ends). Under the picture, and on stdout, the mean |aligned − unaligned| pixel difference per
+λ says how much alignment changed each column. The PNG is also logged to the checkpoint's MLflow
+run when that store is reachable.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 DPI = 80
 CELL_IN = 2.5
 HEADER_IN = 1.25
+FOOTER_IN = 0.75
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -58,9 +61,9 @@ def load_image(path: Path, cfg: DataConfig) -> Tensor:
 
 
 def grid_size_px(n_lambdas: int, n_rows: int) -> tuple[int, int]:
-    """(width, height) of the PNG: label column + inputs + λ columns, header + rows."""
+    """(width, height) of the PNG: label column + inputs + λ columns, header + rows + footer."""
     width_in = CELL_IN * (n_lambdas + 3)
-    height_in = HEADER_IN + CELL_IN * n_rows
+    height_in = HEADER_IN + CELL_IN * n_rows + FOOTER_IN
     return round(width_in * DPI), round(height_in * DPI)
 
 
@@ -71,9 +74,15 @@ def _show(ax, image: Tensor) -> None:
 
 
 def render_grid(
-    decoded: Tensor, image_a: Tensor, image_b: Tensor, names: tuple[str, str], path: Path
+    decoded: Tensor,
+    image_a: Tensor,
+    image_b: Tensor,
+    names: tuple[str, str],
+    path: Path,
+    effect: Tensor | None = None,
 ) -> Path:
-    """The labelled grid as a PNG: rows of decodings framed by A (left) and A′ (right)."""
+    """The labelled grid as a PNG: rows of decodings framed by A (left) and A′ (right), and
+    under each λ column the mean |aligned − unaligned| of eqs. 11 and 12 (`effect`, (2, λs))."""
     from matplotlib.figure import Figure
 
     from pipeline.tools.interpolation import LAMBDAS, ROWS
@@ -83,6 +92,7 @@ def render_grid(
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     # Figure fractions: a column, a row and the header band.
     cw, ch, head = 1 / (n_lams + 3), CELL_IN * DPI / height, HEADER_IN * DPI / height
+    foot = FOOTER_IN * DPI / height
     pad = 0.04
     fig.text(0.5, 1 - 0.3 * head, "AlignMixup/AE: decoded interpolations", ha="center", fontsize=13)
     titles = [f"A: {names[0]}", *(f"λ = {lam:g}" for lam in LAMBDAS), f"A′: {names[1]}"]
@@ -94,6 +104,11 @@ def render_grid(
         for col, image in enumerate([image_a, *decoded[row], image_b]):
             box = [(col + 1 + pad) * cw, bottom + pad * ch, (1 - 2 * pad) * cw, (1 - 2 * pad) * ch]
             _show(fig.add_axes(box), image)
+    if effect is not None:
+        fig.text(cw / 2, foot / 2, "mean |aligned −\nunaligned|", ha="center", va="center")
+        for col, (eq11, eq12) in enumerate(effect.T.tolist()):
+            text = f"eq. 11: {eq11:.3f}\neq. 12: {eq12:.3f}"
+            fig.text((col + 2.5) * cw, foot / 2, text, ha="center", va="center", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
     return path
@@ -131,7 +146,7 @@ def visualize(
     """Load, decode and draw the grid; attach it to the checkpoint's MLflow run if `log`."""
     from pipeline.data.augment import unnormalize
     from pipeline.runs.model_file import load_model
-    from pipeline.tools.interpolation import decoded_interpolations
+    from pipeline.tools.interpolation import alignment_effect, decoded_interpolations, effect_table
 
     checkpoint = Path(checkpoint)
     model, recipe, extra = load_model(checkpoint)
@@ -144,10 +159,11 @@ def visualize(
     x_a, x_b = load_image(Path(image_a), cfg), load_image(Path(image_b), cfg)
     decoded = decoded_interpolations(model, x_a, x_b, recipe.method.solver())
     shown = [unnormalize(t, cfg.mean, cfg.std) for t in (decoded, x_a, x_b)]
+    effect = alignment_effect(shown[0])  # in displayed pixels, [0, 1]
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    path = render_grid(
-        *shown, (Path(image_a).name, Path(image_b).name), output or folder / "interpolations.png"
-    )
+    names = (Path(image_a).name, Path(image_b).name)
+    path = render_grid(*shown, names, output or folder / "interpolations.png", effect)
+    print(effect_table(effect))
     if log:
         print(log_to_run(path, extra.get("mlflow_run_id"), recipe.tracking.tracking_uri))
     return path

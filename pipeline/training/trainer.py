@@ -15,7 +15,7 @@ import torch
 
 from pipeline.errors import CheckpointError, TrainingError
 from pipeline.evaluation.metrics import TopKErrors
-from pipeline.methods import build_method
+from pipeline.methods import build_method, method_class
 from pipeline.models import MixNet, count_parameters
 from pipeline.recipe import Recipe
 from pipeline.runs.checkpoints import TrainerState, latest_checkpoint, read_state, save_checkpoint
@@ -44,10 +44,11 @@ class Trainer:
         self.recipe = recipe
         cfg = recipe.train
         self.output_dir = Path(cfg.output_dir)
-        method = build_method(recipe.method, recipe.optim.label_smoothing)
-        ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(method.unused_parameters))
+        unused = method_class(recipe.method.name).unused_parameters
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(unused))
         self.accelerator = Accelerator(mixed_precision=cfg.amp, cpu=cfg.cpu, kwargs_handlers=[ddp])
         acc = self.accelerator
+        method = build_method(recipe.method, recipe.optim.label_smoothing, acc.process_index)
         set_seed(cfg.seed, device_specific=False)
         self.loaders = build_loaders(
             recipe.data,
