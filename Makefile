@@ -1,11 +1,11 @@
 # Every target that runs code depends on `setup`, so each works as the first command on a
 # fresh clone. `setup` is a stamp rule: it reinstalls only when the pins change.
 VENV   ?= .venv
-PY     := $(VENV)/bin/python
+VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-stamp
 ARGS   ?=
 
-.PHONY: setup test lint demo profile compare mlflow-ui mlflow-server docker clean
+.PHONY: setup test lint demo profile compare mlflow-ui mlflow-server docker clean wheelhouse gpu-check
 
 # `make mlflow-server`: a tracking server for a lab (docs/slurm.md). Loopback unless told.
 MLFLOW_HOST      ?= 127.0.0.1
@@ -16,26 +16,26 @@ MLFLOW_ARTIFACTS ?= mlflow-server/artifacts
 setup: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
-	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade "pip>=24"
-	$(PY) -m pip install -q -r requirements.lock
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@test -x $(VPY) || python3 -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade "pip>=24"
+	$(VPY) -m pip install -q -r requirements.lock
+	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $@
 
 lint: setup
 	$(VENV)/bin/ruff check .
 
 test: setup lint
-	$(PY) -m pytest -q $(ARGS)
+	$(VPY) -m pytest -q $(ARGS)
 
 demo: setup
-	$(PY) -m pipeline demo $(ARGS)
+	$(VPY) -m pipeline demo $(ARGS)
 
 profile: setup
-	$(PY) -m pipeline profile $(ARGS)
+	$(VPY) -m pipeline profile $(ARGS)
 
 compare: setup
-	$(PY) -m pipeline compare $(ARGS)
+	$(VPY) -m pipeline compare $(ARGS)
 
 mlflow-ui: setup
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port $${PORT:-5000} \
@@ -45,6 +45,27 @@ mlflow-server: setup
 	@mkdir -p mlflow-server
 	$(VENV)/bin/mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \
 		--backend-store-uri $(MLFLOW_BACKEND) --artifacts-destination $(MLFLOW_ARTIFACTS)
+
+# GPU machines (docs/gpu.md). `make wheelhouse PY=3.12` (where a package index answers) fills
+# WHEELS with wheels of requirements-gpu.txt for that Python; on the GPU machine, offline, with
+# its own CUDA PyTorch, `make gpu-check WHEELS=dir` installs what is missing into .gpu-site/ and
+# writes a report under REPORT. PART= runs some parts (tests,syncs,align,profile,loader).
+PY          ?= $(shell python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+WHEELS      ?= wheelhouse
+GPU_PYTHON  ?= python3
+REPORT      ?= gpu-reports
+PART        ?= all
+GPU_TIMEOUT ?= 600
+
+wheelhouse:
+	python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version $(PY) \
+		--implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux_2_28_x86_64 --dest $(WHEELS) -r requirements-gpu.txt
+	@echo "wheels for Python $(PY) in $(WHEELS)/"
+
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --wheels "$(WHEELS)" --report $(REPORT) \
+		--part $(PART) --timeout $(GPU_TIMEOUT)
 
 docker:
 	docker build -f docker/Dockerfile -t alignmixup-pipeline:latest .

@@ -36,12 +36,18 @@ def make_jpegs(root: Path, count: int, size=(500, 375), classes: int = 4) -> Pat
     """Write `count` JPEGs (ImageFolder layout, train and a small val) unless already there."""
     import numpy as np
     from PIL import Image
-    from sklearn.datasets import load_sample_images
 
     marker = root / f".made_{count}_{size[0]}x{size[1]}"
     if marker.exists():
         return root
-    photos = load_sample_images().images
+    try:
+        from sklearn.datasets import load_sample_images
+
+        photos = load_sample_images().images
+    except ImportError:  # a GPU machine without scikit-learn: smooth synthetic photos
+        from tests.photos import synthetic_photo
+
+        photos = [np.asarray(synthetic_photo(k, (640, 427))) for k in range(2)]
     rng = np.random.default_rng(0)
     for i in range(count):
         p = photos[i % 2]

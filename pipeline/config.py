@@ -71,6 +71,13 @@ class DataConfig(Section):
     batch_size: int = Field(256, ge=1, description="per device")
     val_batch_size: int | None = Field(None, ge=1)
     num_threads: int = Field(4, ge=1, description="DALI threads / DataLoader workers")
+    hw_decoder_load: float = Field(
+        0.65,
+        ge=0,
+        le=1,
+        description="DALI mixed decode: share of JPEGs sent to the GPU's hardware decoder (DALI "
+        "2.x defaulted to 0.9 for a while, then 0.65 again); docs/gpu.md",
+    )
     plan_workers: int = Field(
         2,
         ge=0,

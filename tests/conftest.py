@@ -36,6 +36,21 @@ TINY_OVERRIDES = [
 ]
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: without it they are skipped, and the reason says so."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(
+        reason=f"needs a CUDA device: torch {torch.__version__} sees none "
+        "(run them with `make gpu-check` on a GPU machine; docs/gpu.md)"
+    )
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
     """scikit-learn's digits as train/val folders of real 32×32 JPEGs."""

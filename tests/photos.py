@@ -1,9 +1,11 @@
-"""Real photos for tests and benchmarks: 224 px crops of scikit-learn's two sample images."""
+"""Photos for tests and benchmarks: 224 px crops of scikit-learn's two sample images, and
+smooth synthetic ones where scikit-learn is not installed (GPU machines, docs/gpu.md)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,3 +27,16 @@ def photo_batch(n: int, seed: int = 0) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(IMAGENET_STD)[:, None, None]
     return (images - mean) / std
+
+
+def synthetic_photo(seed: int, size: tuple[int, int] = (96, 80)) -> Image.Image:
+    """A smooth RGB image (width, height) of sinusoidal gradients: compresses like a photo,
+    unlike noise, so decoders and resizers are exercised as on real images."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    channels = [
+        127 + 100 * np.sin(6 * x * rng.uniform(0.5, 2) + 4 * y * rng.uniform(0.5, 2) + k)
+        for k in range(3)
+    ]
+    return Image.fromarray(np.stack(channels, -1).clip(0, 255).astype(np.uint8))

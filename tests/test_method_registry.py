@@ -100,6 +100,18 @@ def test_every_method_round_trips_through_a_model_file(name, accelerator, tmp_pa
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
 
 
+def test_a_channels_last_model_is_saved_and_loads_back(tmp_path):
+    # The ImageNet recipes train channels-last; safetensors refuses non-contiguous tensors.
+    recipe = _recipe("baseline")
+    model = build_method(recipe.method).build_model(recipe.model, K)
+    model = model.to(memory_format=torch.channels_last)
+    path = tmp_path / "model.safetensors"
+    save_final_model(path, model, recipe, model_facts(model, K, list("abcde")), TrainerState())
+    loaded, _, _ = load_model(path)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+
+
 def test_unused_parameters_are_declared_only_where_some_go_without_gradient(accelerator):
     """The AE's decoder is its only declared-unused part, and it does go without gradient."""
     declared = {n: build_method(_recipe(n).method).unused_parameters for n in method_names()}

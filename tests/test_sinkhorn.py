@@ -111,28 +111,46 @@ def test_sinkhorn_is_detached_float32_under_autocast():
 # --- authors' mode: their iteration and stopping rule --------------------------------------
 
 
+HOST_CHECKS = pytest.mark.parametrize("host_checks", [True, False], ids=["host", "device"])
+
+
+@HOST_CHECKS
 @pytest.mark.parametrize("check_every", [1, 7, 10, 100])
-def test_authors_mode_exits_mid_chunk_like_their_loop(check_every):
+def test_authors_mode_exits_mid_chunk_like_their_loop(check_every, host_checks):
     cost = small_cost(10.6)  # constructed so that their loop stops at iteration 23
     expected_plan, expected_iterations = authors_sinkhorn(cost)
     assert expected_iterations == 23
-    result = sinkhorn(cost, mode="authors", check_every=check_every)
-    assert result.iterations == 23
+    result = sinkhorn(cost, mode="authors", check_every=check_every, host_checks=host_checks)
+    assert int(result.iterations) == 23
     torch.testing.assert_close(result.plan, expected_plan, rtol=1e-6, atol=0)
 
 
-def test_authors_mode_runs_all_iterations_when_rule_is_never_met():
+@HOST_CHECKS
+def test_authors_mode_runs_all_iterations_when_rule_is_never_met(host_checks):
     cost = small_cost(1000.0)  # large raw costs against eps = 0.1: their rule never fires
     expected_plan, expected_iterations = authors_sinkhorn(cost)
     assert expected_iterations == 100
-    result = sinkhorn(cost, mode="authors")
-    assert result.iterations == 100
+    result = sinkhorn(cost, mode="authors", host_checks=host_checks)
+    assert int(result.iterations) == 100
     torch.testing.assert_close(result.plan, expected_plan, rtol=1e-6, atol=0)
-    capped = sinkhorn(cost, mode="authors", max_iter=25, check_every=10)
-    assert capped.iterations == 25
+    capped = sinkhorn(cost, mode="authors", max_iter=25, check_every=10, host_checks=host_checks)
+    assert int(capped.iterations) == 25
     torch.testing.assert_close(
         capped.plan, authors_sinkhorn(cost, max_iter=25)[0], rtol=1e-6, atol=0
     )
+
+
+@pytest.mark.parametrize("mode", ["authors", "converged"])
+@pytest.mark.parametrize("scale", [1.0, 10.6, 1000.0])
+def test_device_side_exit_gives_the_host_checked_plan_bit_for_bit(mode, scale):
+    # No host sync: every iteration is queued and the potentials freeze on the device where
+    # the rule is first met. Same plan, same iteration count, as the loop that stops there.
+    cost = small_cost(scale)
+    host = sinkhorn(cost, mode=mode, host_checks=True, max_iter=300)
+    device = sinkhorn(cost, mode=mode, host_checks=False, max_iter=300)
+    assert isinstance(device.iterations, torch.Tensor) and device.iterations.dim() == 0
+    assert int(device.iterations) == host.iterations
+    assert torch.equal(device.plan, host.plan)
 
 
 def test_sinkhorn_rejects_bad_arguments():
@@ -184,3 +202,4 @@ def test_authors_mode_on_train_features_keeps_its_skewed_rows(resnet50_costs):
     assert result.iterations == 100
     assert row_col_error(result.plan) > 0.5
     torch.testing.assert_close(result.plan, authors_sinkhorn(cost)[0], rtol=1e-5, atol=0)
+    assert torch.equal(sinkhorn(cost, mode="authors", host_checks=False).plan, result.plan)

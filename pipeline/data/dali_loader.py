@@ -199,6 +199,8 @@ class DaliLoader(PlannedLoader):
             "adjust_orientation": False,  # like PIL, which the torchvision path uses
             "jpeg_fancy_upsampling": True,  # libjpeg's default, so chroma matches PIL's decode
         }
+        if gpu:  # the share of JPEGs for the hardware decoder; DALI's default has moved
+            decoder["hw_decoder_load"] = self.cfg.hw_decoder_load
         graph = self._train_graph if self.train else self._val_graph
 
         @pipeline_def(

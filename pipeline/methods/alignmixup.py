@@ -28,6 +28,11 @@ class AlignSettings(MixSettings):
     sinkhorn_tol: float = Field(
         1e-3, gt=0, lt=1, description="converged: stop once both marginals are within this"
     )
+    sinkhorn_host_checks: bool | None = Field(
+        None,
+        description="read the stopping rule on the host; false: no host sync, all max_iter "
+        "iterations queued (same plan); None: false for authors on CUDA, else true",
+    )
 
     def solver(self) -> dict[str, Any]:
         """Keyword arguments of `align_mix`, `align_features` and `sinkhorn`."""
@@ -36,6 +41,7 @@ class AlignSettings(MixSettings):
             "eps": self.sinkhorn_eps,
             "max_iter": self.sinkhorn_max_iter,
             "tol": self.sinkhorn_tol,
+            "host_checks": self.sinkhorn_host_checks,
         }
 
 

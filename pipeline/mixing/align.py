@@ -53,13 +53,16 @@ def align(
     eps: float = 0.1,
     max_iter: int | None = None,
     tol: float = 1e-3,
+    host_checks: bool | None = None,
 ) -> Tensor:
     """Assignment matrix R = r·P* (B, r, r) float32; rows index A's positions, columns A''s.
-    `mode`, `eps`, `max_iter` and `tol` (converged mode's marginal tolerance) go to `sinkhorn`."""
+    `mode`, `eps`, `max_iter`, `tol` (converged mode's marginal tolerance) and `host_checks`
+    (None: no host sync for the authors' mode on CUDA) go to `sinkhorn`."""
     _check_pair(a, a_partner)
     feats = a.detach().flatten(2).transpose(1, 2)  # (B, r, c): row i is a_i
     partner = a_partner.detach().flatten(2).transpose(1, 2)
-    plan = sinkhorn(squared_cost(feats, partner), eps, max_iter, mode, tol).plan
+    cost = squared_cost(feats, partner)
+    plan = sinkhorn(cost, eps, max_iter, mode, tol, host_checks=host_checks).plan
     assignment = plan * plan.shape[1]
     # The authors' plans are full of subnormal entries (exp of −100 and below); they add
     # nothing to the mix but make CPU matmuls several times slower, so they become 0.
@@ -83,6 +86,7 @@ def align_features(
     eps: float = 0.1,
     max_iter: int | None = None,
     tol: float = 1e-3,
+    host_checks: bool | None = None,
 ) -> Tensor:
     """Ã = A'Rᵀ (direction 0, A' in A's geometry) or Ã' = AR (direction 1), (B, c, h, w).
 
@@ -90,7 +94,8 @@ def align_features(
     (direction 1) at any λ without solving the transport problem again.
     """
     _check_direction(direction)
-    return _aligned(a, a_partner, align(a, a_partner, mode, eps, max_iter, tol), direction)
+    assignment = align(a, a_partner, mode, eps, max_iter, tol, host_checks)
+    return _aligned(a, a_partner, assignment, direction)
 
 
 def align_mix(
@@ -102,16 +107,19 @@ def align_mix(
     eps: float = 0.1,
     max_iter: int | None = None,
     tol: float = 1e-3,
+    host_checks: bool | None = None,
 ) -> Tensor:
     """AlignMixup: λA + (1−λ)A'Rᵀ (direction 0, eq. 11) or λAR + (1−λ)A' (direction 1, eq. 12).
 
     `a`, `a_partner` are (B, c, h, w) features (A' = A[perm] in training); the output has
-    their shape and dtype. `mode`, `eps`, `max_iter`, `tol` go to `sinkhorn` (None: its default).
+    their shape and dtype. `mode`, `eps`, `max_iter`, `tol`, `host_checks` go to `sinkhorn`
+    (None: its default).
     """
     _check_pair(a, a_partner)
     _check_direction(direction)
     lam = check_lam(lam)
-    aligned = _aligned(a, a_partner, align(a, a_partner, mode, eps, max_iter, tol), direction)
+    assignment = align(a, a_partner, mode, eps, max_iter, tol, host_checks)
+    aligned = _aligned(a, a_partner, assignment, direction)
     # Mixed in place into the fresh aligned tensor: one (B, c, h, w) buffer, not three.
     if direction == 0:
         return aligned.mul_(1.0 - lam).add_(a, alpha=lam)

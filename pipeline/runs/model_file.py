@@ -55,8 +55,12 @@ def save_final_model(
         "mlflow_run_id": state.mlflow_run_id,
         "step": state.step,
     }
-    # Cloned so that no two entries share storage, which safetensors refuses.
-    weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    # Cloned so that no two entries share storage, and into the default memory format:
+    # safetensors refuses both shared and non-contiguous (channels-last) tensors.
+    weights = {
+        k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+        for k, v in model.state_dict().items()
+    }
     tmp = path.with_name(f".tmp-{path.name}")
     save_file(weights, str(tmp), metadata={_HEADER_KEY: json.dumps(header)})
     os.replace(tmp, path)

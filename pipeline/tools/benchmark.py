@@ -216,7 +216,7 @@ def alignment_split(
             "sinkhorn_msec_per_call": _median_ms(
                 lambda: sinkhorn(squared_cost(flat, flat_partner), **solver), device, reps
             ),
-            "sinkhorn_iterations": result.iterations,
+            "sinkhorn_iterations": int(result.iterations),
         }
 
 
