@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as exc:
         # Errors about the user's input: one clear line, no traceback.
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_status
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """Errors about the user's input or run, each naming the file, key or value at fault.
 
-The CLI prints these as one line and exits 2, without a traceback; anything else is a bug and
-keeps its traceback.
+The CLI prints these as one line and exits with the error's `exit_status` (2; 4 for storage),
+without a traceback; anything else is a bug and keeps its traceback.
 """
 
 
 class PipelineError(Exception):
     """Base class for errors a user can act on."""
+
+    exit_status = 2
 
 
 class RecipeError(PipelineError, ValueError):
@@ -23,6 +25,13 @@ class TrainingError(PipelineError):
 
 class CheckpointError(PipelineError):
     """A checkpoint that is missing or does not match the recipe."""
+
+
+class StorageError(CheckpointError):
+    """A checkpoint or model file that could not be written (no space, quota, permission):
+    exit 4, which slurm/launch.sh does not requeue (it needs someone to free space)."""
+
+    exit_status = 4
 
 
 class TrackingError(PipelineError):

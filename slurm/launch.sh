@@ -28,7 +28,9 @@
 # Partition, account, time, nodes, GPUs and CPUs are sbatch's: flags (`sbatch -p gpu -A proj
 # -N 4 --gpus-per-node=8 slurm/x.sh`) or its variables (SBATCH_PARTITION, SBATCH_ACCOUNT,
 # SBATCH_TIMELIMIT). Exit status: 0 finished (or requeued), 2 bad settings or recipe,
-# 3 checkpointed but not requeued (submit again to continue), else the trainer's.
+# 3 checkpointed but not requeued (submit again to continue), 4 a checkpoint or model file could
+# not be written (disk full, quota, permission: needs attention; one process only, since
+# torchrun reports a worker's 4 as 1), else the trainer's.
 #
 # `bash slurm/launch.sh --print-command` (or `bash slurm/<recipe>.sh --print-command`) prints the
 # srun command built from the SLURM_* variables and the settings above, and runs nothing.
@@ -194,6 +196,11 @@ finish() {
     if ((rc == 2)); then
         echo "launch.sh: the recipe or its overrides were rejected (error above); not requeued" >&2
         exit 2
+    fi
+    if ((rc == 4)); then
+        echo "launch.sh: a checkpoint or model file could not be written (error above: space," \
+            "quota or permission); needs attention, not requeued: fix it and submit again" >&2
+        exit 4
     fi
     if ((JOB_ENDING)); then
         echo "launch.sh: Slurm is ending the job (exit $rc); not requeued from here" >&2

@@ -48,6 +48,22 @@ def test_warmup_then_cosine():
     assert set_lr(12) == pytest.approx(0.0)
 
 
+@pytest.mark.parametrize("schedule", ["step", "cosine", "timm"])
+def test_a_fractional_warmup_is_stepped_per_update(schedule):
+    # 0.5 epoch of 8 steps: 4 warm-up steps rising linearly, then the schedule proper.
+    cfg = _optim(f"optim.schedule={schedule}", "optim.warmup_epochs=0.5", "optim.milestones=[9]")
+    opt = build_optimizer(cfg, _Net(), 1.0)
+    set_lr = build_schedule(cfg, opt, 1.0, epochs=10, steps_per_epoch=8)
+    lrs = [set_lr(s) for s in range(8)]
+    if schedule == "timm":  # timm ramps from its warmup_lr (1e-5) over t = 0..3
+        expected = [1e-5 + t * (1.0 - 1e-5) / 4 for t in range(4)]
+    else:
+        expected = [(t + 1) / 4 for t in range(4)]
+    assert lrs[:4] == pytest.approx(expected)
+    assert lrs[4] == pytest.approx(1.0, abs=0.01)  # warm-up over after half an epoch
+    assert lrs[0] < lrs[1] < lrs[2] < lrs[3]
+
+
 def test_head_params_get_the_ratio():
     cfg = _optim("optim.head_lr_ratio=10", "optim.head_params=[stages.1., classifier.]")
     net = _Net()

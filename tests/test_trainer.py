@@ -3,6 +3,7 @@ NaN losses, bad input, and a real two-process gloo DDP run."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import socket
 import subprocess
@@ -208,6 +209,64 @@ def test_preemption_checkpoints_exits_3_and_resumes(tiny_overrides, mlflow_uri, 
     (run,) = _runs(mlflow_uri, "t_preempt")
     assert run.info.status == "FINISHED"
     assert sorted(_losses(mlflow_uri, run.info.run_id)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_a_changed_method_and_accepts_a_longer_run(
+    tiny_overrides, mlflow_uri, subprocess_env
+):
+    overrides = tiny_overrides("name=changed", "train.max_steps=2", "tracking.experiment=t_chg")
+    assert _train_cli(overrides, subprocess_env).returncode == 0
+    changed = _train_cli([*overrides, "method.name=cutmix"], subprocess_env)
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr
+    assert "method.name: 'baseline' → 'cutmix'" in changed.stderr
+    assert "method.alpha (new key, set to 1.0)" in changed.stderr  # cutmix's own key
+    longer = _train_cli([*overrides, "train.max_steps=4", "train.log_every=2"], subprocess_env)
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    (run,) = _runs(mlflow_uri, "t_chg")  # the same run, continued
+    assert sorted(_losses(mlflow_uri, run.info.run_id)) == [1, 2, 4]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 40 MiB tmpfs (a real filesystem that fills up), unmounted afterwards."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount)])
+    if made.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_with_one_line_keeps_the_last_checkpoint_and_resumes(
+    tiny_overrides, mlflow_uri, subprocess_env, small_disk
+):
+    out = small_disk / "run"
+    overrides = [
+        *tiny_overrides("name=full", "train.max_steps=6", "train.preempt_check_every=2",
+                        "train.checkpoint_every=4", "tracking.experiment=t_full"),
+        f"train.output_dir={out}",
+    ]  # fmt: skip
+    out.mkdir()
+    (out / STOP_FILE).touch()
+    assert _train_cli(overrides, subprocess_env).returncode == EXIT_PREEMPTED  # step 2 saved
+    (kept,) = list_checkpoints(out)
+    size = sum(f.stat().st_size for f in kept.rglob("*") if f.is_file())
+    free = shutil.disk_usage(small_disk).free
+    (small_disk / "filler").write_bytes(b"\0" * (free - size // 2))  # room for half of one
+    full = _train_cli(overrides, subprocess_env)
+    assert full.returncode == 4, full.stderr[-2000:]
+    (line,) = [x for x in full.stderr.splitlines() if x.startswith("error:")]
+    assert f"checkpoint {out / 'checkpoints' / 'step_00000004'}" in line
+    assert "No space left on device" in line or "no space left" in line
+    assert "MiB free there" in line and "Traceback" not in full.stderr
+    assert list_checkpoints(out) == [kept] and not list((out / "checkpoints").glob(".tmp-*"))
+    (run,) = _runs(mlflow_uri, "t_full")
+    assert run.info.status == "FAILED" and "could not be written" in run.data.tags["failure"]
+    (small_disk / "filler").unlink()
+    resumed = _train_cli(overrides, subprocess_env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert read_state(list_checkpoints(out)[-1]).step == 6
 
 
 def test_nan_loss_names_the_step_and_keeps_the_last_good_checkpoint(tiny_overrides, mlflow_uri):

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, StorageError
 from pipeline.recipe import Recipe, dump_recipe
 
 STATE_FILE = "trainer_state.json"
@@ -77,17 +77,27 @@ def save_checkpoint(
     root = checkpoint_root(output_dir)
     final = root / f"{_PREFIX}{state.step:08d}"
     tmp = root / f".tmp-{final.name}"
+    from safetensors import SafetensorError
+
+    failure: Exception | None = None
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            (tmp / RECIPE_FILE).write_text(dump_recipe(recipe))
+            _write_json_atomic(tmp / META_FILE, meta)
+            _write_json_atomic(tmp / STATE_FILE, asdict(state))
+            _fsync_dir(tmp)
+    except (OSError, RuntimeError, SafetensorError) as exc:  # torch: RuntimeError
+        failure = exc
+    if _on_any_rank(accelerator, failure is not None):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise storage_error(f"checkpoint {final}", root, _state_bytes(accelerator), failure)
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / RECIPE_FILE).write_text(dump_recipe(recipe))
-        _write_json_atomic(tmp / META_FILE, meta)
-        _write_json_atomic(tmp / STATE_FILE, asdict(state))
-        _fsync_dir(tmp)
         if final.exists():  # the same step saved twice (e.g. epoch end after max_steps)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -98,6 +108,53 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _on_any_rank(accelerator, flag: bool) -> bool:
+    """True on every rank if `flag` is true on one (so all ranks stop together)."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=accelerator.device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _state_bytes(accelerator) -> int:
+    """Bytes of the model and optimiser state a checkpoint holds (what one needs on disk)."""
+    total = 0
+    for part in (*accelerator._models, *accelerator._optimizers):
+        stack = [part.state_dict()]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, torch.Tensor):
+                total += item.numel() * item.element_size()
+            elif isinstance(item, dict):
+                stack.extend(item.values())
+            elif isinstance(item, list | tuple):
+                stack.extend(item)
+    return total
+
+
+def storage_error(
+    what: str, folder: Path, needed: int, cause: BaseException | None
+) -> StorageError:
+    """One line: what could not be written, why, how much it needed and how much is free."""
+    reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+    reason = reason.splitlines()[0] if reason else type(cause).__name__
+    try:
+        space = shutil.disk_usage(folder).free
+        free = f"{space / 2**20:.1f} MiB free there"
+    except OSError:
+        space, free = None, "free space unknown"
+    if not isinstance(cause, OSError) and space is not None and space < needed:
+        # torch and safetensors report a full disk in their own words (e.g. "enforce fail at
+        # inline_container.cc"); the free space says what happened
+        reason = f"no space left on the device; {type(cause).__name__}: {reason[:120]}"
+    return StorageError(
+        f"{what}: could not be written ({reason}); it needs about {needed / 2**20:.1f} MiB, "
+        f"{free}. Nothing partial is left and the earlier checkpoints are kept: free space "
+        "(or fix the permission or quota) and run the same command to resume"
+    )
 
 
 def read_meta(folder: Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -80,6 +81,7 @@ class Journal:
         self.path = folder / FILE
         self._lock = threading.Lock()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._write_failed = False
 
     def append(self, kind: str, **fields: Any) -> None:
         entry = {"kind": kind, "time": int(time.time() * 1000), **fields}
@@ -87,7 +89,19 @@ class Journal:
             entry["values"] = {k: _clean(v) for k, v in entry["values"].items()}
         line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
         with self._lock:
-            os.write(self._fd, line)  # one write of one line: appended whole
+            try:
+                os.write(self._fd, line)  # one write of one line: appended whole
+            except OSError as exc:  # a full disk must not stop training; say so once
+                if not self._write_failed:
+                    print(
+                        f"warning: tracking journal {self.path}: cannot append ({exc.strerror});"
+                        " entries are lost until it can",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                self._write_failed = True
+            else:
+                self._write_failed = False
 
     def empty(self) -> bool:
         return self.path.stat().st_size == 0

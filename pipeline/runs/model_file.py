@@ -23,6 +23,7 @@ from pipeline.runs.checkpoints import (
     checkpoint_weights,
     read_meta,
     read_state,
+    storage_error,
 )
 from pipeline.runs.tracking import recorded_run_id
 
@@ -47,6 +48,7 @@ def save_final_model(
     state: TrainerState,
 ) -> None:
     """Write the model file atomically (a temporary name, then a rename)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     header = {
@@ -62,8 +64,13 @@ def save_final_model(
         for k, v in model.state_dict().items()
     }
     tmp = path.with_name(f".tmp-{path.name}")
-    save_file(weights, str(tmp), metadata={_HEADER_KEY: json.dumps(header)})
-    os.replace(tmp, path)
+    try:
+        save_file(weights, str(tmp), metadata={_HEADER_KEY: json.dumps(header)})
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as exc:
+        tmp.unlink(missing_ok=True)
+        needed = sum(v.numel() * v.element_size() for v in weights.values())
+        raise storage_error(f"model file {path}", path.parent, needed, exc) from None
 
 
 def _read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -119,6 +119,8 @@ def _send_one(client, entry: dict, state: SendState, folder: Path) -> None:
         if Path(entry["path"]).is_file():
             client.log_artifact(state.run_id, entry["path"], artifact_path=entry.get("folder"))
     elif kind == "status":
+        if entry.get("reason"):
+            client.set_tag(state.run_id, "failure", entry["reason"][:5000])
         client.set_terminated(state.run_id, status=entry["status"], end_time=entry["time"])
     else:
         raise ValueError(f"{folder}: unknown journal entry kind {kind!r}")

@@ -202,13 +202,14 @@ class Tracker:
         """(step, value) of a metric of this run, from its journal."""
         return self.journal.history(key) if self.journal is not None else []
 
-    def end(self, status: str) -> None:
-        """Record the run's status, then deliver for at most `tracking.flush_timeout` s."""
+    def end(self, status: str, reason: str | None = None) -> None:
+        """Record the run's status (and why it failed, as the `failure` tag), then deliver for at
+        most `tracking.flush_timeout` s."""
         if self.journal is None:
             return
         if self._system is not None:
             self._system.stop()
-        self.journal.append("status", status=status)
+        self.journal.append("status", status=status, reason=reason)
         self._drain()
         self.journal.close()
         self.journal = None

@@ -64,7 +64,9 @@ def build_schedule(
     The lr is a pure function of the global step, so a resumed run needs no scheduler state.
     `step` is the authors' decay (× gamma at each milestone epoch), `cosine` a per-step cosine
     to zero, `timm` any scheduler timm's `create_scheduler_v2` builds (stepped per update).
-    All three honour `warmup_epochs` (linear warm-up from 0).
+    All three honour `warmup_epochs`, fractions included: a linear warm-up stepped per update
+    over round(warmup_epochs × steps_per_epoch) steps (from 0 here, from timm's `warmup_lr`
+    for `timm`).
     """
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     total_steps = epochs * steps_per_epoch
@@ -76,7 +78,7 @@ def build_schedule(
             optimizer,
             sched=cfg.timm_sched,
             num_epochs=epochs,
-            warmup_epochs=int(cfg.warmup_epochs),
+            warmup_epochs=warmup_steps / steps_per_epoch,  # timm: × updates_per_epoch
             step_on_epochs=False,
             updates_per_epoch=steps_per_epoch,
         )

@@ -13,13 +13,20 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import CheckpointError, TrainingError
+from pipeline.errors import CheckpointError, PipelineError, TrainingError
 from pipeline.evaluation.metrics import TopKErrors
 from pipeline.methods import build_method, method_class
 from pipeline.models import MixNet, count_parameters
 from pipeline.recipe import Recipe
-from pipeline.runs.checkpoints import TrainerState, latest_checkpoint, read_state, save_checkpoint
+from pipeline.runs.checkpoints import (
+    RECIPE_FILE,
+    TrainerState,
+    latest_checkpoint,
+    read_state,
+    save_checkpoint,
+)
 from pipeline.runs.model_file import FINAL_MODEL, model_facts, read_weights, save_final_model
+from pipeline.runs.resume_check import check_resumable
 from pipeline.runs.tracking import Tracker
 from pipeline.training.curves import plot_curves
 from pipeline.training.distributed import any_rank
@@ -97,6 +104,7 @@ class Trainer:
             return
         if not folder.is_dir():
             raise CheckpointError(f"train.resume: checkpoint folder {folder} does not exist")
+        check_resumable(self.recipe, folder / RECIPE_FILE)
         self.accelerator.load_state(str(folder))
         self.state = read_state(folder)
         self._print(f"resumed from {folder} (epoch {self.state.epoch}, step {self.state.step})")
@@ -107,6 +115,10 @@ class Trainer:
         acc = self.accelerator
         started = time.perf_counter()
         self._resume()
+        if self.state.finished and self.state.step < self.total_steps:
+            self.state.finished = False  # train.epochs or max_steps raised: train on
+            self._print(f"extending the finished run from step {self.state.step} to "
+                        f"{self.total_steps}")  # fmt: skip
         if self.state.finished:
             self._print(f"run in {self.output_dir} already finished; nothing to do")
             self.tracker.deliver_leftovers()
@@ -124,8 +136,8 @@ class Trainer:
         try:
             with self.watch:
                 timing, preempted = self._train_epochs()
-        except BaseException:
-            self.tracker.end("FAILED")
+        except BaseException as exc:
+            self.tracker.end("FAILED", str(exc) if isinstance(exc, PipelineError) else None)
             raise
         if preempted:
             self._checkpoint()
