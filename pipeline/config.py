@@ -51,6 +51,14 @@ class ModelConfig(Section):
     name: str = "resnet50"
     num_classes: int | None = Field(None, ge=2, description="None: from the dataset")
     pretrained: str | None = Field(None, description="path to a checkpoint to start from")
+    timm_pretrained: bool | str = Field(
+        False,
+        description="timm's ImageNet weights: true from the local Hugging Face cache, or a path "
+        "to a weights file (.safetensors/.pth/.bin); never downloaded unless allow_download",
+    )
+    allow_download: bool = Field(
+        False, description="let timm download pretrained weights (a node with network)"
+    )
     output_stride: Literal[8, 16, 32] = 32
     zero_init_last: bool | None = Field(
         None,

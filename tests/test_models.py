@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -66,3 +71,66 @@ def test_vit_tokens_become_a_grid():
 def test_unknown_model_names_the_key():
     with pytest.raises(RecipeError, match=r"model\.name.*no_such_net"):
         build_model(ModelConfig(name="no_such_net"), 10)
+
+
+# --- timm's pretrained weights, offline ------------------------------------------------------
+
+
+def test_timm_pretrained_from_a_local_file_reproduces_its_weights(tmp_path):
+    import timm
+
+    from pipeline.recipe import load_recipe
+
+    source = timm.create_model("resnet18", num_classes=1000)
+    torch.save(source.state_dict(), tmp_path / "resnet18.pth")
+    recipe = load_recipe(
+        None, ["model.name=resnet18", f"model.timm_pretrained={tmp_path / 'resnet18.pth'}"]
+    )
+    model = build_model(recipe.model, 10)
+    expected = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    # the stages hold timm's own modules in timm's order: stem and layer1, layer2, ...
+    got = {k: v for k, v in model.state_dict().items() if k.startswith("stages.")}
+    assert len(got) == len(expected)
+    for (name, want), have in zip(expected.items(), got.values(), strict=True):
+        assert torch.equal(have, want), name
+
+
+def test_a_missing_pretrained_file_is_named(tmp_path):
+    from pipeline.recipe import load_recipe
+
+    recipe = load_recipe(None, [f"model.timm_pretrained={tmp_path / 'absent.pth'}"])
+    with pytest.raises(RecipeError, match=r"model\.timm_pretrained: weights file .*absent\.pth"):
+        build_model(recipe.model, 10)
+
+
+def test_timm_pretrained_without_a_local_copy_names_the_key_and_never_touches_the_network(
+    tmp_path,
+):
+    # An empty Hugging Face cache and no HF_HUB_OFFLINE set: the pipeline itself keeps timm
+    # offline. Every socket connection or name lookup is refused and counted.
+    script = (
+        "import socket\n"
+        "calls = []\n"
+        "def refuse(*a, **k):\n"
+        "    calls.append(a)\n"
+        "    raise OSError('network refused by the test')\n"
+        "socket.socket.connect = socket.socket.connect_ex = refuse\n"
+        "socket.getaddrinfo = socket.create_connection = refuse\n"
+        "from pipeline.errors import RecipeError\n"
+        "from pipeline.models import build_model\n"
+        "from pipeline.recipe import load_recipe\n"
+        "try:\n"
+        "    build_model(load_recipe(None, ['model.name=resnet18',"
+        " 'model.timm_pretrained=true']).model, 10)\n"
+        "except RecipeError as exc:\n"
+        "    print(exc)\n"
+        "print('network calls:', len(calls))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env |= {"HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "model.timm_pretrained: no local copy of timm's weights for 'resnet18'" in proc.stdout
+    assert "network calls: 0" in proc.stdout

@@ -11,11 +11,12 @@ __all__ = ["AutoEncoderMixNet", "MixNet", "build_model", "count_parameters"]
 
 def build_model(cfg: ModelConfig, num_classes: int, autoencoder: bool = False) -> MixNet:
     """The model a recipe asks for; `autoencoder` adds `f` and the decoder (AlignMixup/AE)."""
+    weights = (cfg.timm_pretrained, cfg.allow_download)
     if autoencoder:
         return AutoEncoderMixNet(
-            cfg.name, num_classes, cfg.ae, cfg.output_stride, cfg.zero_init_last
+            cfg.name, num_classes, cfg.ae, cfg.output_stride, cfg.zero_init_last, *weights
         )
-    return MixNet(cfg.name, num_classes, cfg.output_stride, cfg.zero_init_last)
+    return MixNet(cfg.name, num_classes, cfg.output_stride, cfg.zero_init_last, *weights)
 
 
 def count_parameters(model) -> int:

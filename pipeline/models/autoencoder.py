@@ -90,9 +90,13 @@ class AutoEncoderMixNet(MixNet):
         cfg: AEConfig,
         output_stride: int = 32,
         zero_init_last: bool | None = None,
+        pretrained: bool | str = False,
+        allow_download: bool = False,
     ) -> None:
         self._embed_channels = cfg.embed_channels
-        super().__init__(name, num_classes, output_stride, zero_init_last)
+        super().__init__(
+            name, num_classes, output_stride, zero_init_last, pretrained, allow_download
+        )
         self.embedding = _conv_bn_relu(self.feature_channels, cfg.embed_channels, k=1)
         if cfg.decoder_output_stride > output_stride:
             raise RecipeError(

@@ -7,6 +7,9 @@ Level 0 is the input image, level k the output of stage k, level L the last feat
 from __future__ import annotations
 
 import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
 
 import timm
 import torch
@@ -63,24 +66,77 @@ def split_stages(backbone: nn.Module) -> list[nn.Module]:
     return [_ForwardFeatures(backbone)]
 
 
+@contextmanager
+def _offline(allowed: bool):
+    """No network for Hugging Face Hub inside (timm fetches weights through it) unless allowed:
+    the environment variable for new imports, the constant for one already made."""
+    if allowed:
+        yield
+        return
+    import huggingface_hub.constants as hub
+
+    before_env, before = os.environ.get("HF_HUB_OFFLINE"), hub.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], hub.HF_HUB_OFFLINE = "1", True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = before
+        if before_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before_env
+
+
+def _pretrained_kwargs(name: str, pretrained: bool | str) -> dict:
+    """timm.create_model arguments for `model.timm_pretrained` (False, True or a file path)."""
+    if pretrained is False:
+        return {"pretrained": False}
+    if pretrained is True:
+        return {"pretrained": True}
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        raise RecipeError(f"model.timm_pretrained: weights file {path} does not exist")
+    return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
+
+
 def create_backbone(
-    name: str, output_stride: int = 32, zero_init_last: bool | None = None
+    name: str,
+    output_stride: int = 32,
+    zero_init_last: bool | None = None,
+    pretrained: bool | str = False,
+    allow_download: bool = False,
 ) -> tuple[list[nn.Module], int]:
     """A timm model without its head, as stages, and its number of feature channels.
 
     `zero_init_last` goes to timm (ResNets: zero the last BatchNorm weight of each residual
     branch, timm's default; False: every BatchNorm weight 1, as the AlignMixup authors'
-    ResNet); None keeps the model's own default.
+    ResNet); None keeps the model's own default. `pretrained` (`model.timm_pretrained`) loads
+    timm's weights from the local Hugging Face cache (True) or a file; nothing is downloaded
+    unless `allow_download`.
     """
     kwargs: dict = {"num_classes": 0, "global_pool": ""}
     if output_stride != 32:
         kwargs["output_stride"] = output_stride
     if zero_init_last is not None:
         kwargs["zero_init_last"] = zero_init_last
+    kwargs.update(_pretrained_kwargs(name, pretrained))
     try:
-        backbone = timm.create_model(name, pretrained=False, **kwargs)
+        with _offline(allow_download):
+            backbone = timm.create_model(name, **kwargs)
     except RuntimeError as exc:  # timm raises RuntimeError for unknown model names
+        if pretrained is not False and timm.is_model(name):
+            raise RecipeError(f"model.timm_pretrained: {name}: {exc}") from None
         raise RecipeError(f"model.name: timm has no model {name!r} ({exc})") from None
+    except OSError as exc:  # huggingface_hub: not in the local cache, and offline
+        if pretrained is not True:
+            raise
+        raise RecipeError(
+            f"model.timm_pretrained: no local copy of timm's weights for {name!r} in the Hugging "
+            f"Face cache ({type(exc).__name__}); nothing is downloaded on a cluster node. Fetch "
+            f'them once where there is network (python -c "import timm; timm.create_model('
+            f"'{name}', pretrained=True)\", same HF_HOME), give a weights file as "
+            "model.timm_pretrained, or set model.allow_download=true"
+        ) from None
     except TypeError as exc:  # a keyword the model's class does not take
         key = next((k for k in ("zero_init_last", "output_stride") if k in str(exc)), None)
         if key is None:
@@ -102,10 +158,14 @@ class MixNet(nn.Module):
         num_classes: int,
         output_stride: int = 32,
         zero_init_last: bool | None = None,
+        pretrained: bool | str = False,
+        allow_download: bool = False,
     ) -> None:
         super().__init__()
         self.timm_name = name
-        stages, self.feature_channels = create_backbone(name, output_stride, zero_init_last)
+        stages, self.feature_channels = create_backbone(
+            name, output_stride, zero_init_last, pretrained, allow_download
+        )
         self.stages = nn.ModuleList(stages)
         self.classifier = nn.Linear(self._head_channels(), num_classes)
 

@@ -115,7 +115,9 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, Recipe, dict[str, Any
     from pipeline.models import build_model
 
     weights, recipe, facts = read_weights(path)
-    model = build_model(recipe.model, int(facts["num_classes"]), autoencoder=facts["has_decoder"])
+    # The weights come from the file: no pretrained weights to fetch first.
+    architecture = recipe.model.model_copy(update={"timm_pretrained": False})
+    model = build_model(architecture, int(facts["num_classes"]), autoencoder=facts["has_decoder"])
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(
