@@ -150,6 +150,13 @@ class TrainConfig(Section):
     preempt_check_every: int = Field(20, ge=1, description="steps between preemption checks")
     cpu: bool = False
     progress: bool = True
+    ema_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="keep an EMA of the weights (timm ModelEmaV3), updated every optimiser step "
+        "with this decay, validated and saved beside the raw model; None: off",
+    )
 
     @field_validator("amp", mode="before")
     @classmethod

@@ -34,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     ev.add_argument("--data", help="dataset root (overrides the recipe's data.root)")
     ev.add_argument("--no-mlflow", action="store_true", help="print only, log nothing")
+    ev.add_argument(
+        "--weights", choices=("raw", "ema"), default="raw", help="the EMA (train.ema_decay)"
+    )
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     ev.set_defaults(func=run_eval)
 
@@ -52,6 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ws.add_argument("--overlays", type=int, default=8, help="CAM-and-box PNGs to log")
     ws.add_argument("--overlay-dir", help="also keep the overlay PNGs in this folder")
     ws.add_argument("--no-mlflow", action="store_true", help="print only, log nothing")
+    ws.add_argument(
+        "--weights", choices=("raw", "ema"), default="raw", help="the EMA (train.ema_decay)"
+    )
     ws.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     ws.set_defaults(func=run_wsol)
 
@@ -83,8 +89,9 @@ def run_eval(args: argparse.Namespace) -> int:
         args.data,
         args.overrides,
         log_mlflow=not args.no_mlflow,
+        weights=args.weights,
     )
-    print(results_table(results, f"evaluation of {args.checkpoint} (%)"))
+    print(results_table(results, f"evaluation of {args.checkpoint} ({args.weights} weights, %)"))
     if logged:
         print(logged)
     return 0
@@ -104,6 +111,7 @@ def run_wsol(args: argparse.Namespace) -> int:
         split=args.split,
         overrides=args.overrides,
         log_mlflow=not args.no_mlflow,
+        weights=args.weights,
     )
     print(results_table(scores, f"WSOL of {args.checkpoint} on {args.data} ({args.split}, %)"))
     if logged:

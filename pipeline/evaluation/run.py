@@ -147,9 +147,10 @@ def evaluate_checkpoint(
     data_root: str | None = None,
     overrides: Sequence[str] = (),
     log_mlflow: bool = True,
+    weights: str = "raw",
 ) -> tuple[dict[str, float], str | None]:
-    """Load, evaluate on the recipe's val split (and OOD folders), log; → (results, where they
-    were logged, one line; None without logging)."""
+    """Load (the raw or the EMA `weights`), evaluate on the recipe's val split (and OOD
+    folders), log; → (results, where they were logged, one line; None without logging)."""
     from pipeline.data import build_loaders
     from pipeline.evaluation.ood_data import OodFolder, find_images, ood_sets
     from pipeline.evaluation.report import log_results
@@ -159,7 +160,7 @@ def evaluate_checkpoint(
         raise PipelineError("--suite ood: give at least one --ood-data folder")
     # Scan the OOD folders first, so an empty one fails before the model is loaded.
     ood_files = {name: find_images(f) for name, f in ood_sets(list(ood_folders)).items()}
-    model, recipe, extra = load_model(checkpoint)
+    model, recipe, extra = load_model(checkpoint, weights)
     recipe = apply_overrides(recipe, tuple(overrides), f"{checkpoint} recipe")
     if data_root is not None:
         recipe.data.root = str(data_root)
@@ -188,7 +189,8 @@ def evaluate_checkpoint(
     )
     logged = None
     if log_mlflow:
-        metrics = {f"eval/{k}": v for k, v in results.items()}
+        section = "eval" if weights == "raw" else "eval_ema"  # the EMA's beside the raw
+        metrics = {f"{section}/{k}": v for k, v in results.items()}
         logged = log_results(recipe, extra, checkpoint, metrics)
     return results, logged
 
@@ -274,14 +276,15 @@ def localize_checkpoint(
     split: str = "test",
     overrides: Sequence[str] = (),
     log_mlflow: bool = True,
+    weights: str = "raw",
 ) -> tuple[dict[str, float], str | None]:
-    """Load, compute CAMs over a CUB split, score them, log with overlays; → (scores, where they
-    were logged, one line; None without logging)."""
+    """Load (the raw or the EMA `weights`), compute CAMs over a CUB split, score them, log with
+    overlays; → (scores, where they were logged, one line; None without logging)."""
     from pipeline.evaluation.cub_data import CubBoxDataset
     from pipeline.evaluation.report import log_results
     from pipeline.runs.model_file import load_model
 
-    model, recipe, extra = load_model(checkpoint)
+    model, recipe, extra = load_model(checkpoint, weights)
     recipe = apply_overrides(recipe, tuple(overrides), f"{checkpoint} recipe")
     dataset = CubBoxDataset(
         data_root, split, recipe.data.val_crop, recipe.data.mean, recipe.data.std
@@ -296,6 +299,7 @@ def localize_checkpoint(
         )
         logged = None
         if log_mlflow:
-            metrics = {f"wsol/{k}": v for k, v in scores.items()}
+            section = "wsol" if weights == "raw" else "wsol_ema"
+            metrics = {f"{section}/{k}": v for k, v in scores.items()}
             logged = log_results(recipe, extra, checkpoint, metrics, written, "wsol_overlays")
     return scores, logged

@@ -28,6 +28,9 @@ from pipeline.runs.checkpoints import (
 from pipeline.runs.tracking import recorded_run_id
 
 FINAL_MODEL = "model_final.safetensors"
+EMA_PREFIX = "ema/"  # the EMA of the weights, in the same file (train.ema_decay)
+# where Accelerate keeps the EMA in a checkpoint folder: the trainer's only custom object
+_EMA_IN_CHECKPOINT = "custom_checkpoint_0.pkl"
 _HEADER_KEY = "alignmixup_pipeline"  # the safetensors metadata entry holding the JSON facts
 
 
@@ -46,8 +49,10 @@ def save_final_model(
     recipe: Recipe,
     facts: dict[str, Any],
     state: TrainerState,
+    ema: torch.nn.Module | None = None,
 ) -> None:
-    """Write the model file atomically (a temporary name, then a rename)."""
+    """Write the model file atomically (a temporary name, then a rename); `ema`, the EMA of the
+    weights, goes in the same file under `ema/<name>`."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
@@ -59,9 +64,11 @@ def save_final_model(
     }
     # Cloned so that no two entries share storage, and into the default memory format:
     # safetensors refuses both shared and non-contiguous (channels-last) tensors.
+    parts = {"": model, EMA_PREFIX: ema} if ema is not None else {"": model}
     weights = {
-        k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
-        for k, v in model.state_dict().items()
+        prefix + k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+        for prefix, module in parts.items()
+        for k, v in module.state_dict().items()
     }
     tmp = path.with_name(f".tmp-{path.name}")
     try:
@@ -88,12 +95,36 @@ def _read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     return weights, header
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Recipe, dict[str, Any]]:
-    """`(state dict, recipe, facts)` of a model file, run folder or checkpoint folder.
+def _pick(weights: dict[str, torch.Tensor], which: str, where: Path) -> dict[str, torch.Tensor]:
+    """The raw weights, or the EMA's (`which="ema"`) with their prefix removed."""
+    if which == "raw":
+        return {k: v for k, v in weights.items() if not k.startswith(EMA_PREFIX)}
+    ema = {k.removeprefix(EMA_PREFIX): v for k, v in weights.items() if k.startswith(EMA_PREFIX)}
+    if not ema:
+        raise CheckpointError(f"{where}: no EMA weights (the run had no train.ema_decay)")
+    return ema
+
+
+def _checkpoint_ema(folder: Path) -> dict[str, torch.Tensor]:
+    """The EMA weights Accelerate saved in a checkpoint folder, under `ema/<name>`."""
+    path = folder / _EMA_IN_CHECKPOINT
+    if not path.is_file():
+        return {}
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {EMA_PREFIX + k.removeprefix("module."): v for k, v in state.items()}
+
+
+def read_weights(
+    path: str | Path, which: str = "raw"
+) -> tuple[dict[str, torch.Tensor], Recipe, dict[str, Any]]:
+    """`(state dict, recipe, facts)` of a model file, run folder or checkpoint folder; `which`
+    is "raw" (the trained weights) or "ema" (their EMA, when the run kept one).
 
     `facts` holds `num_classes`, `class_names`, `has_decoder`, `mlflow_run_id` (also when the
     run reached MLflow only after the file was written) and `step`.
     """
+    if which not in ("raw", "ema"):
+        raise CheckpointError(f"--weights must be raw or ema, got {which!r}")
     p = Path(path)
     if p.is_dir() and (p / FINAL_MODEL).is_file():
         p = p / FINAL_MODEL
@@ -101,20 +132,24 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Recipe, dic
         weights, header = _read_model_file(p)
         recipe = Recipe.model_validate(header.pop("recipe"))
         header["mlflow_run_id"] = header.get("mlflow_run_id") or recorded_run_id(p.parent)
-        return weights, recipe, header
+        return _pick(weights, which, p), recipe, header
     if p.is_dir() and (p / STATE_FILE).is_file():
         state = read_state(p)
         run_id = state.mlflow_run_id or recorded_run_id(p.parent.parent)
         facts = {**read_meta(p), "mlflow_run_id": run_id, "step": state.step}
-        return checkpoint_weights(p), load_recipe(p / RECIPE_FILE), facts
+        weights = {**checkpoint_weights(p), **_checkpoint_ema(p)}
+        return _pick(weights, which, p), load_recipe(p / RECIPE_FILE), facts
     raise CheckpointError(f"{p}: no {FINAL_MODEL} and no checkpoint ({STATE_FILE}) there")
 
 
-def load_model(path: str | Path) -> tuple[torch.nn.Module, Recipe, dict[str, Any]]:
-    """Rebuild a trained model → `(model in eval mode, recipe, facts)` (see `read_weights`)."""
+def load_model(
+    path: str | Path, which: str = "raw"
+) -> tuple[torch.nn.Module, Recipe, dict[str, Any]]:
+    """Rebuild a trained model → `(model in eval mode, recipe, facts)`, with its raw or its EMA
+    weights (`which`; see `read_weights`)."""
     from pipeline.models import build_model
 
-    weights, recipe, facts = read_weights(path)
+    weights, recipe, facts = read_weights(path, which)
     # The weights come from the file: no pretrained weights to fetch first.
     architecture = recipe.model.model_copy(update={"timm_pretrained": False})
     model = build_model(architecture, int(facts["num_classes"]), autoencoder=facts["has_decoder"])

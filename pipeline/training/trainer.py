@@ -83,6 +83,12 @@ class Trainer:
         self.base_lr = scaled_lr(recipe.optim, global_batch)
         optimizer = build_optimizer(recipe.optim, model, self.base_lr)
         self.runner, self.optimizer = acc.prepare(runner, optimizer)
+        self.ema = None
+        if cfg.ema_decay is not None:  # a copy on the model's device, saved in checkpoints
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay)
+            acc.register_for_checkpointing(self.ema)
         self.set_lr = build_schedule(
             recipe.optim, self.optimizer, self.base_lr, cfg.epochs, self.steps_per_epoch
         )
@@ -180,6 +186,8 @@ class Trainer:
                         self.recipe.model.channels_last,
                     )
                 )
+                if self.ema is not None:
+                    self.ema.update(self.model)
                 self.state.step += 1
                 self.state.step_in_epoch += 1
                 progress.update(1)
@@ -254,9 +262,9 @@ class Trainer:
 
     # ------------------------------------------------------------ validation
     @torch.no_grad()
-    def _validate(self) -> None:
+    def _errors(self, model: torch.nn.Module) -> tuple[float, float]:
+        """Top-1 and top-5 error (%) of `model` on the val split."""
         acc = self.accelerator
-        model = acc.unwrap_model(self.runner).model
         model.eval()
         errors = TopKErrors(self.num_classes, (1, 5), acc.device)
         for images, labels in self.loaders.val:
@@ -265,15 +273,21 @@ class Trainer:
             with acc.autocast():
                 errors.update(model(images).float(), labels)
         found = errors.compute()
-        top1, top5 = found[1], found[5]
+        return found[1], found[5]
+
+    def _validate(self) -> None:
+        top1, top5 = self._errors(self.accelerator.unwrap_model(self.runner).model)
         best = top1 if self.state.best_top1_err is None else min(top1, self.state.best_top1_err)
         self.state.best_top1_err = best
         self.last_val = (top1, top5)
-        self.tracker.log(
-            {"val/top1_err": top1, "val/top5_err": top5, "val/best_top1_err": best},
-            self.state.epoch,
-        )
-        self._print(f"epoch {self.state.epoch}: val top-1 err {top1:.2f}%  top-5 err {top5:.2f}%")
+        metrics = {"val/top1_err": top1, "val/top5_err": top5, "val/best_top1_err": best}
+        line = f"epoch {self.state.epoch}: val top-1 err {top1:.2f}%  top-5 err {top5:.2f}%"
+        if self.ema is not None:
+            ema_top1, ema_top5 = self._errors(self.ema.module)
+            metrics |= {"val/ema_top1_err": ema_top1, "val/ema_top5_err": ema_top5}
+            line += f"  (EMA: {ema_top1:.2f}%, {ema_top5:.2f}%)"
+        self.tracker.log(metrics, self.state.epoch)
+        self._print(line)
 
     # ----------------------------------------------------------- checkpoints
     def _facts(self) -> dict:
@@ -296,7 +310,8 @@ class Trainer:
             return
         model = acc.unwrap_model(self.runner).model
         final = self.output_dir / FINAL_MODEL
-        save_final_model(final, model, self.recipe, self._facts(), self.state)
+        ema = self.ema.module if self.ema is not None else None
+        save_final_model(final, model, self.recipe, self._facts(), self.state, ema)
         curves = plot_curves(self.tracker, self.output_dir / "curves.png")
         if curves is not None:
             self.tracker.artifact(curves)
