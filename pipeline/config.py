@@ -150,6 +150,17 @@ class TrainConfig(Section):
     preempt_check_every: int = Field(20, ge=1, description="steps between preemption checks")
     cpu: bool = False
     progress: bool = True
+    grad_accum_steps: int = Field(
+        1,
+        ge=1,
+        description="micro-batches per optimiser step (each mixed within itself, as on separate "
+        "GPUs); the lr scales with batch_size × GPUs × this",
+    )
+    global_batch: int | None = Field(
+        None,
+        ge=1,
+        description="derive grad_accum_steps = this / (data.batch_size × GPUs); must divide",
+    )
     ema_decay: float | None = Field(
         None,
         gt=0,

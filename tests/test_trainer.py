@@ -117,14 +117,19 @@ def test_run_finishes_tracked_and_reloadable(tiny_overrides, mlflow_uri, tmp_pat
     )
 
 
-@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+@pytest.mark.parametrize(
+    ("backend", "accum"), [("torchvision", 1), ("dali", 1), ("torchvision", 2)], ids=str
+)
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(
-    backend, tiny_overrides, mlflow_uri, subprocess_env
+    backend, accum, tiny_overrides, mlflow_uri, subprocess_env
 ):
-    experiment = f"t_kill_{backend}"
+    # With accumulation (2 micro-batches a step) checkpoints fall between optimiser steps and
+    # the kill lands at any micro-batch: the resumed losses must still be the uninterrupted ones.
+    experiment = f"t_kill_{backend}_{accum}"
     common = [
         "method.name=alignmixup",
         f"data.backend={backend}",
+        f"train.grad_accum_steps={accum}",
         "train.max_steps=12",
         "train.checkpoint_every=4",
         f"tracking.experiment={experiment}",

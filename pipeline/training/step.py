@@ -4,6 +4,7 @@ backward (scaled for fp16), optional gradient clipping, the optimiser step.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -50,16 +51,26 @@ def train_step(
     rng: torch.Generator,
     grad_clip: float | None = None,
     channels_last: bool = False,
+    micro_batches: int = 1,
+    step: bool = True,
 ) -> StepOutput:
-    """Train `runner` (prepared by `accelerator`, with `optimizer`) on one batch; no host sync."""
+    """Train `runner` (prepared by `accelerator`, with `optimizer`) on one batch; no host sync.
+
+    With gradient accumulation the batch is one of `micro_batches` in an optimiser step: its
+    loss is divided by that number, so the step follows the mean loss of its micro-batches, and
+    only the last one (`step=True`) all-reduces the gradients (DDP's no_sync before it), clips
+    and steps the optimiser.
+    """
     runner.train()
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    with accelerator.autocast():
-        loss, stats = runner(images, labels, rng)
-    accelerator.backward(loss)
-    if grad_clip is not None:
-        accelerator.clip_grad_norm_(runner.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    with contextlib.nullcontext() if step else accelerator.no_sync(runner):
+        with accelerator.autocast():
+            loss, stats = runner(images, labels, rng)
+        accelerator.backward(loss / micro_batches if micro_batches > 1 else loss)
+    if step:
+        if grad_clip is not None:
+            accelerator.clip_grad_norm_(runner.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return StepOutput(loss.detach().float(), {k: v.detach() for k, v in stats.items()})

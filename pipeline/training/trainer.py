@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import CheckpointError, PipelineError, TrainingError
+from pipeline.errors import CheckpointError, PipelineError, RecipeError, TrainingError
 from pipeline.evaluation.metrics import TopKErrors
 from pipeline.methods import build_method, method_class
 from pipeline.models import MixNet, count_parameters
@@ -78,8 +78,11 @@ class Trainer:
         if recipe.model.compile:
             runner = torch.compile(runner)
 
-        self.steps_per_epoch = len(self.loaders.train)
-        global_batch = recipe.data.batch_size * acc.num_processes
+        self.steps_per_epoch = len(self.loaders.train)  # loader batches (micro-batches)
+        self.accum = _accumulation(cfg, recipe.data.batch_size * acc.num_processes)
+        # optimiser steps per epoch: the last one of an epoch may have fewer micro-batches
+        self.updates_per_epoch = math.ceil(self.steps_per_epoch / self.accum)
+        global_batch = recipe.data.batch_size * acc.num_processes * self.accum
         self.base_lr = scaled_lr(recipe.optim, global_batch)
         optimizer = build_optimizer(recipe.optim, model, self.base_lr)
         self.runner, self.optimizer = acc.prepare(runner, optimizer)
@@ -90,7 +93,7 @@ class Trainer:
             self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay)
             acc.register_for_checkpointing(self.ema)
         self.set_lr = build_schedule(
-            recipe.optim, self.optimizer, self.base_lr, cfg.epochs, self.steps_per_epoch
+            recipe.optim, self.optimizer, self.base_lr, cfg.epochs, self.updates_per_epoch
         )
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
@@ -173,7 +176,11 @@ class Trainer:
             progress = _progress(remaining, f"epoch {epoch}", acc.is_main_process and cfg.progress)
             window = _Window(self.state.step)
             for images, labels in loader:
-                self.set_lr(self.state.step)
+                micro_batches, last_micro = self._accumulation_window()
+                self.set_lr(
+                    self.state.epoch * self.updates_per_epoch
+                    + self.state.step_in_epoch // self.accum
+                )
                 window.add(
                     train_step(
                         acc,
@@ -181,12 +188,14 @@ class Trainer:
                         self.optimizer,
                         images,
                         labels,
-                        step_generator(cfg.seed, self.state.step),
+                        step_generator(cfg.seed, self.state.step),  # per micro-batch
                         self.recipe.optim.grad_clip,
                         self.recipe.model.channels_last,
+                        micro_batches,
+                        last_micro,
                     )
                 )
-                if self.ema is not None:
+                if self.ema is not None and last_micro:
                     self.ema.update(self.model)
                 self.state.step += 1
                 self.state.step_in_epoch += 1
@@ -194,10 +203,16 @@ class Trainer:
                 if self.state.step % cfg.log_every == 0:
                     timing = self._log_window(window, progress) or timing
                     window = _Window(self.state.step)
-                if self.state.step % cfg.checkpoint_every == 0:
+                # Checkpoints and preemption only between optimiser steps, where no gradient
+                # is pending: a resume from there is exact.
+                if last_micro and self._crossed(cfg.checkpoint_every, micro_batches):
                     self._check_finite(window)
                     self._checkpoint()
-                if self.state.step % cfg.preempt_check_every == 0 and self.watch.requested(acc):
+                if (
+                    last_micro
+                    and self._crossed(cfg.preempt_check_every, micro_batches)
+                    and self.watch.requested(acc)
+                ):
                     self._check_finite(window)
                     progress.close()
                     return timing, True
@@ -218,6 +233,20 @@ class Trainer:
             if epoch_done and not last:
                 self._checkpoint()
         return timing, False
+
+    def _accumulation_window(self) -> tuple[int, bool]:
+        """(micro-batches in the current optimiser step, whether this batch is its last). A
+        step never spans an epoch end or the run's end: the last one may be shorter, and its
+        loss is then the mean over the micro-batches it has."""
+        first = self.state.step_in_epoch // self.accum * self.accum  # in this epoch
+        run_left = self.total_steps - (self.state.step - (self.state.step_in_epoch - first))
+        size = min(self.accum, self.steps_per_epoch - first, run_left)
+        return size, self.state.step_in_epoch + 1 - first == size
+
+    def _crossed(self, every: int, micro_batches: int) -> bool:
+        """Whether the optimiser step just ended passed a multiple of `every` micro-batches
+        (with one micro-batch per step: step % every == 0)."""
+        return self.state.step // every > (self.state.step - micro_batches) // every
 
     # --------------------------------------------------------------- logging
     def _log_window(self, window: _Window, progress) -> tuple[float, float] | None:
@@ -360,6 +389,20 @@ class _Window:
         """`method/<stat>`: this rank's mean over the steps that reported it (e.g. `recon` on
         the AE's clean batches only)."""
         return {f"method/{k}": float(torch.stack(v).mean()) for k, v in self.stats.items()}
+
+
+def _accumulation(cfg, batch_all_gpus: int) -> int:
+    """Micro-batches per optimiser step: `train.grad_accum_steps`, or from `train.global_batch`."""
+    if cfg.global_batch is None:
+        return cfg.grad_accum_steps
+    if cfg.grad_accum_steps != 1:
+        raise RecipeError("train.global_batch and train.grad_accum_steps: set one of them")
+    if cfg.global_batch % batch_all_gpus:
+        raise RecipeError(
+            f"train.global_batch: {cfg.global_batch} is not a multiple of data.batch_size × GPUs "
+            f"= {batch_all_gpus}"
+        )
+    return cfg.global_batch // batch_all_gpus
 
 
 def _final_metrics(summary: RunSummary) -> dict[str, float]:
