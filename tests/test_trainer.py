@@ -15,6 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipeline.cli import main
 from pipeline.errors import TrainingError
 from pipeline.recipe import load_recipe
 from pipeline.runs.checkpoints import list_checkpoints, read_state
@@ -272,6 +273,29 @@ def test_a_full_disk_stops_with_one_line_keeps_the_last_checkpoint_and_resumes(
     resumed = _train_cli(overrides, subprocess_env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert read_state(list_checkpoints(out)[-1]).step == 6
+
+
+def test_resume_and_eval_accept_an_mlflow_run_id(
+    tiny_overrides, mlflow_uri, subprocess_env, monkeypatch, capsys
+):
+    overrides = tiny_overrides(
+        "name=by_id", "train.max_steps=4", "train.preempt_check_every=2",
+        "tracking.experiment=t_by_id",
+    )  # fmt: skip
+    out_dir = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("train.output_dir")))
+    out_dir.mkdir(parents=True)
+    (out_dir / STOP_FILE).touch()
+    assert _train_cli(overrides, subprocess_env).returncode == EXIT_PREEMPTED
+    (run,) = _runs(mlflow_uri, "t_by_id")
+    resumed = _train_cli([*overrides, f"train.resume={run.info.run_id}"], subprocess_env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {out_dir / 'checkpoints' / 'step_00000002'}" in resumed.stdout
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    argv = ["eval", "--checkpoint", run.info.run_id, "--suite", "classify", "--no-mlflow"]
+    assert main(argv) == 0
+    assert "top1_err" in capsys.readouterr().out
+    bogus = _train_cli([*overrides, "train.resume=" + "f" * 32], subprocess_env)
+    assert bogus.returncode == 2 and "no MLflow run with that id" in bogus.stderr
 
 
 def test_nan_loss_names_the_step_and_keeps_the_last_good_checkpoint(tiny_overrides, mlflow_uri):

@@ -125,7 +125,10 @@ def read_weights(
     """
     if which not in ("raw", "ema"):
         raise CheckpointError(f"--weights must be raw or ema, got {which!r}")
-    p = Path(path)
+    from pipeline.runs.store import run_folder
+    from pipeline.runs.tracking import resolve_tracking_uri
+
+    p = run_folder(str(path), resolve_tracking_uri(), "--checkpoint") or Path(path)
     if p.is_dir() and (p / FINAL_MODEL).is_file():
         p = p / FINAL_MODEL
     if p.is_file():

@@ -19,6 +19,7 @@ __all__ = ["SAFE_KEYS", "SAFE_PREFIXES", "check_resumable"]
 # fast the data is read, and tracking (except the experiment, which would split the run).
 SAFE_KEYS = frozenset(
     {
+        "name",
         "train.epochs",
         "train.max_steps",
         "train.log_every",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,3 +55,28 @@ def all_runs(client: MlflowClient, experiment_id: str) -> list[Run]:
         token = page.token
         if not token:
             return runs
+
+
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def run_folder(value: str, uri: str, key: str) -> Path | None:
+    """The run folder of an MLflow run id (its recorded `train.output_dir`), or None when
+    `value` is not a run id or names an existing path. `key` is the setting, for errors."""
+    if not _RUN_ID.fullmatch(value) or Path(value).exists():
+        return None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = open_client(uri).get_run(value) if store_exists(uri) else None
+    except MlflowException:
+        run = None
+    if run is None:
+        raise PipelineError(f"{key}: {value} is no path, and no MLflow run with that id in {uri}")
+    folder = run.data.params.get("train.output_dir")
+    if not folder or not Path(folder).is_dir():
+        raise PipelineError(
+            f"{key}: MLflow run {value} ran in {folder!r}, which is not a folder here (run from "
+            "the directory it was started in, or give the folder itself)"
+        )
+    return Path(folder)

@@ -27,7 +27,8 @@ from pipeline.runs.checkpoints import (
 )
 from pipeline.runs.model_file import FINAL_MODEL, model_facts, read_weights, save_final_model
 from pipeline.runs.resume_check import check_resumable
-from pipeline.runs.tracking import Tracker
+from pipeline.runs.store import run_folder
+from pipeline.runs.tracking import Tracker, resolve_tracking_uri
 from pipeline.training.curves import plot_curves
 from pipeline.training.distributed import any_rank
 from pipeline.training.optim import build_optimizer, build_schedule, scaled_lr
@@ -108,7 +109,14 @@ class Trainer:
         mode = self.recipe.train.resume
         if mode == "never":
             return
-        folder = latest_checkpoint(self.output_dir) if mode == "auto" else Path(mode)
+        if mode == "auto":
+            folder = latest_checkpoint(self.output_dir)
+        else:  # a checkpoint folder, a run folder, or an MLflow run id
+            uri = resolve_tracking_uri(self.recipe.tracking.tracking_uri)
+            run = run_folder(mode, uri, "train.resume") if self.recipe.tracking.enabled else None
+            folder = Path(mode) if run is None else latest_checkpoint(run)
+            if run is None and not (folder / RECIPE_FILE).is_file() and folder.is_dir():
+                folder = latest_checkpoint(folder) or folder  # a run folder: its newest
         if folder is None:
             return
         if not folder.is_dir():
