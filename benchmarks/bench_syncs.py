@@ -27,17 +27,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.methods import method_names  # noqa: E402
 from pipeline.runs.table import format_table  # noqa: E402
-
-METHODS = (
-    "baseline",
-    "input_mixup",
-    "cutmix",
-    "manifold_mixup",
-    "alignmixup",
-    "alignmixup_ae",
-    "alignmixup_or_cutmix",
-)
 
 
 def _project_frame(stack: list[traceback.FrameSummary]) -> str:
@@ -149,7 +140,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(method_names()))
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     if not torch.cuda.is_available():

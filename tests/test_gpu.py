@@ -16,20 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.methods import method_names
 from tests.photos import synthetic_photo
 
 pytestmark = pytest.mark.gpu
 
 CUDA = torch.device("cuda")
-METHODS = [
-    "baseline",
-    "input_mixup",
-    "cutmix",
-    "manifold_mixup",
-    "alignmixup",
-    "alignmixup_ae",
-    "alignmixup_or_cutmix",
-]
+METHODS = method_names()  # every registered method
 SMALL_MODEL = [
     "model.name=resnet18",
     "model.ae.embed_channels=64",
