@@ -19,7 +19,7 @@ from pipeline.cli import main
 from pipeline.errors import TrainingError
 from pipeline.recipe import load_recipe
 from pipeline.runs.checkpoints import list_checkpoints, read_state
-from pipeline.runs.model_file import FINAL_MODEL, load_model
+from pipeline.runs.model_file import FINAL_MODEL, load_model, read_weights
 from pipeline.training import Trainer
 from pipeline.training.preempt import EXIT_PREEMPTED, STOP_FILE
 
@@ -126,11 +126,13 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(
 ):
     # With accumulation (2 micro-batches a step) checkpoints fall between optimiser steps and
     # the kill lands at any micro-batch: the resumed losses must still be the uninterrupted ones.
+    # That variant also keeps an EMA, which must come out of the kill and resume unchanged.
     experiment = f"t_kill_{backend}_{accum}"
     common = [
         "method.name=alignmixup",
         f"data.backend={backend}",
         f"train.grad_accum_steps={accum}",
+        *(["train.ema_decay=0.9"] if accum > 1 else []),
         "train.max_steps=12",
         "train.checkpoint_every=4",
         f"tracking.experiment={experiment}",
@@ -173,6 +175,11 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(
     assert sorted(got) == list(range(1, 13))
     for step in range(1, 13):
         assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), step
+    if accum > 1:
+        ref_dir = out_dir.parent / "ref"
+        ema_ref, ema_got = (read_weights(d / FINAL_MODEL, "ema")[0] for d in (ref_dir, out_dir))
+        for name, value in ema_ref.items():
+            torch.testing.assert_close(ema_got[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def _assert_no_children_left(pid: int, timeout: float = 10.0) -> None:
