@@ -139,14 +139,22 @@ def storage_error(
     what: str, folder: Path, needed: int, cause: BaseException | None
 ) -> StorageError:
     """One line: what could not be written, why, how much it needed and how much is free."""
-    reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
-    reason = reason.splitlines()[0] if reason else type(cause).__name__
+    if cause is None:  # this rank wrote its part; another one could not
+        reason = "the write failed on another rank"
+    else:
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+        reason = reason.splitlines()[0] if reason else type(cause).__name__
     try:
         space = shutil.disk_usage(folder).free
         free = f"{space / 2**20:.1f} MiB free there"
     except OSError:
         space, free = None, "free space unknown"
-    if not isinstance(cause, OSError) and space is not None and space < needed:
+    if (
+        cause is not None
+        and not isinstance(cause, OSError)
+        and space is not None
+        and space < needed
+    ):
         # torch and safetensors report a full disk in their own words (e.g. "enforce fail at
         # inline_container.cc"); the free space says what happened
         reason = f"no space left on the device; {type(cause).__name__}: {reason[:120]}"
