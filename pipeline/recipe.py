@@ -78,16 +78,18 @@ class Recipe(Section):
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view of every value (MLflow params)."""
-        return dict(_flatten(self.model_dump(mode="json")))
+        return flatten_keys(self.model_dump(mode="json"))
 
 
-def _flatten(d: dict[str, Any], prefix: str = ""):
-    for key, value in d.items():
-        path = f"{prefix}{key}"
+def flatten_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested recipe tree as `{"section.key": value}`."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
         if isinstance(value, dict):
-            yield from _flatten(value, path + ".")
+            flat.update(flatten_keys(value, f"{prefix}{key}."))
         else:
-            yield path, value
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -11,12 +11,14 @@ __all__ = ["AutoEncoderMixNet", "MixNet", "build_model", "count_parameters"]
 
 def build_model(cfg: ModelConfig, num_classes: int, autoencoder: bool = False) -> MixNet:
     """The model a recipe asks for; `autoencoder` adds `f` and the decoder (AlignMixup/AE)."""
-    weights = (cfg.timm_pretrained, cfg.allow_download)
+    backbone = {
+        "zero_init_last": cfg.zero_init_last,
+        "pretrained": cfg.timm_pretrained,
+        "allow_download": cfg.allow_download,
+    }
     if autoencoder:
-        return AutoEncoderMixNet(
-            cfg.name, num_classes, cfg.ae, cfg.output_stride, cfg.zero_init_last, *weights
-        )
-    return MixNet(cfg.name, num_classes, cfg.output_stride, cfg.zero_init_last, *weights)
+        return AutoEncoderMixNet(cfg.name, num_classes, cfg.ae, cfg.output_stride, **backbone)
+    return MixNet(cfg.name, num_classes, cfg.output_stride, **backbone)
 
 
 def count_parameters(model) -> int:

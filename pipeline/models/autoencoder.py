@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -89,14 +90,11 @@ class AutoEncoderMixNet(MixNet):
         num_classes: int,
         cfg: AEConfig,
         output_stride: int = 32,
-        zero_init_last: bool | None = None,
-        pretrained: bool | str = False,
-        allow_download: bool = False,
+        **backbone: Any,
     ) -> None:
+        """`backbone`: MixNet's other keywords (zero_init_last, pretrained, allow_download)."""
         self._embed_channels = cfg.embed_channels
-        super().__init__(
-            name, num_classes, output_stride, zero_init_last, pretrained, allow_download
-        )
+        super().__init__(name, num_classes, output_stride, **backbone)
         self.embedding = _conv_bn_relu(self.feature_channels, cfg.embed_channels, k=1)
         if cfg.decoder_output_stride > output_stride:
             raise RecipeError(

@@ -18,6 +18,7 @@ import torch
 
 from pipeline.errors import CheckpointError, StorageError
 from pipeline.recipe import Recipe, dump_recipe
+from pipeline.runs.distributed import any_rank
 
 STATE_FILE = "trainer_state.json"
 META_FILE = "model_meta.json"  # what it takes to rebuild the model (see model_file.py)
@@ -93,7 +94,7 @@ def save_checkpoint(
             _fsync_dir(tmp)
     except (OSError, RuntimeError, SafetensorError) as exc:  # torch: RuntimeError
         failure = exc
-    if _on_any_rank(accelerator, failure is not None):
+    if bool(any_rank(accelerator, torch.tensor(failure is not None))):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         raise storage_error(f"checkpoint {final}", root, _state_bytes(accelerator), failure)
@@ -108,15 +109,6 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def _on_any_rank(accelerator, flag: bool) -> bool:
-    """True on every rank if `flag` is true on one (so all ranks stop together)."""
-    if accelerator.num_processes == 1:
-        return flag
-    value = torch.tensor([float(flag)], device=accelerator.device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def _state_bytes(accelerator) -> int:

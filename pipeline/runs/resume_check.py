@@ -6,12 +6,11 @@ below, which change how a run is watched, stored or fed, not what it computes (d
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from pipeline.errors import RecipeError
-from pipeline.recipe import Recipe, load_recipe
+from pipeline.recipe import Recipe, flatten_keys, load_recipe
 
 __all__ = ["SAFE_KEYS", "SAFE_PREFIXES", "check_resumable"]
 
@@ -50,16 +49,6 @@ SAFE_PREFIXES = ("tracking.",)
 _UNSAFE_TRACKING = frozenset({"tracking.experiment"})
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _safe(key: str) -> bool:
     return key in SAFE_KEYS or (key.startswith(SAFE_PREFIXES) and key not in _UNSAFE_TRACKING)
 
@@ -68,7 +57,7 @@ def check_resumable(recipe: Recipe, saved: Path) -> None:
     """Raise RecipeError listing every key in which `recipe` differs from the recipe a checkpoint
     was saved with (`saved`, its recipe.yaml), other than the safe ones. A key this version
     added is accepted at its default value (the behaviour of the version that started the run)."""
-    before = _flatten(yaml.safe_load(saved.read_text()) or {})
+    before = flatten_keys(yaml.safe_load(saved.read_text()) or {})
     now = recipe.flat()
     try:  # what this version gives the saved run's method by default
         defaults = load_recipe(None, [f"method.name={before.get('method.name')}"]).flat()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.training.distributed import any_rank
+from pipeline.runs.distributed import any_rank
 
 EXIT_PREEMPTED = 3
 STOP_FILE = "PREEMPT"

@@ -25,12 +25,12 @@ from pipeline.runs.checkpoints import (
     read_state,
     save_checkpoint,
 )
+from pipeline.runs.distributed import any_rank
 from pipeline.runs.model_file import FINAL_MODEL, model_facts, read_weights, save_final_model
 from pipeline.runs.resume_check import check_resumable
 from pipeline.runs.store import run_folder
 from pipeline.runs.tracking import Tracker, resolve_tracking_uri
 from pipeline.training.curves import plot_curves
-from pipeline.training.distributed import any_rank
 from pipeline.training.optim import build_optimizer, build_schedule, scaled_lr
 from pipeline.training.preempt import PreemptionWatch
 from pipeline.training.step import MethodRunner, step_generator, train_step
@@ -111,16 +111,15 @@ class Trainer:
             return
         if mode == "auto":
             folder = latest_checkpoint(self.output_dir)
-        else:  # a checkpoint folder, a run folder, or an MLflow run id
-            uri = resolve_tracking_uri(self.recipe.tracking.tracking_uri)
-            run = run_folder(mode, uri, "train.resume") if self.recipe.tracking.enabled else None
-            folder = Path(mode) if run is None else latest_checkpoint(run)
-            if run is None and not (folder / RECIPE_FILE).is_file() and folder.is_dir():
-                folder = latest_checkpoint(folder) or folder  # a run folder: its newest
-        if folder is None:
-            return
-        if not folder.is_dir():
-            raise CheckpointError(f"train.resume: checkpoint folder {folder} does not exist")
+            if folder is None:
+                return  # a new run
+        else:  # a checkpoint folder, a run folder (its newest checkpoint), or an MLflow run id
+            tracking = self.recipe.tracking
+            uri = resolve_tracking_uri(tracking.tracking_uri)
+            target = (tracking.enabled and run_folder(mode, uri, "train.resume")) or Path(mode)
+            folder = target if (target / RECIPE_FILE).is_file() else latest_checkpoint(target)
+            if folder is None:
+                raise CheckpointError(f"train.resume: no checkpoint in or at {target}")
         check_resumable(self.recipe, folder / RECIPE_FILE)
         self.accelerator.load_state(str(folder))
         self.state = read_state(folder)

@@ -1,4 +1,5 @@
-"""The collective the loop needs besides DDP's own: "did any rank…?"."""
+"""The collective the trainer and the checkpoint writer need besides DDP's own: "did any
+rank…?", so that all ranks stop (or go on) together."""
 
 from __future__ import annotations
 
