@@ -59,19 +59,20 @@ def client_for(uri: str):
     in each process takes an exclusive lock beside the database (`<db>.lock`) around it."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
-    if uri.startswith("sqlite:///") and uri not in _READY:
-        import fcntl
+    if not uri.startswith("sqlite:///") or uri in _READY:
+        return MlflowClient(tracking_uri=uri)
+    import fcntl
 
-        db = Path(uri.removeprefix("sqlite:///"))
-        db.parent.mkdir(parents=True, exist_ok=True)
-        with open(f"{db}.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                client.search_experiments(max_results=1)  # creates or upgrades the tables
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-        _READY.add(uri)
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:  # the client is made under the lock too: its store may migrate on creation
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)  # creates or upgrades the tables
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _READY.add(uri)
     return client
 
 
