@@ -5,7 +5,9 @@ VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-stamp
 ARGS   ?=
 
-.PHONY: setup test lint demo profile compare mlflow-ui mlflow-server docker clean wheelhouse gpu-check
+.PHONY: help setup test lint demo profile compare mlflow-ui mlflow-server docker clean wheelhouse \
+	gpu-check
+.DEFAULT_GOAL := help
 
 # `make mlflow-server`: a tracking server for a lab (docs/slurm.md). Loopback unless told.
 MLFLOW_HOST      ?= 127.0.0.1
@@ -13,7 +15,10 @@ MLFLOW_PORT      ?= 5000
 MLFLOW_BACKEND   ?= sqlite:///mlflow-server/mlflow.db
 MLFLOW_ARTIFACTS ?= mlflow-server/artifacts
 
-setup: $(STAMP)
+help: ## list the targets (the default: a bare `make` installs nothing)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: $(STAMP) ## install the pinned dependencies into .venv (once; again only when the pins change)
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(VPY) || python3 -m venv $(VENV)
@@ -22,26 +27,27 @@ $(STAMP): requirements.lock pyproject.toml
 	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $@
 
-lint: setup
+lint: setup ## ruff over the repository, and hadolint over docker/Dockerfile
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/hadolint docker/Dockerfile
 
-test: setup lint
+test: setup lint ## the test suite, no GPU needed (ARGS= passes pytest options)
 	$(VPY) -m pytest -q $(ARGS)
 
-demo: setup
+demo: setup ## train baseline, AlignMixup and AlignMixup/AE on the digits (CPU, under 2 minutes)
 	$(VPY) -m pipeline demo $(ARGS)
 
-profile: setup
+profile: setup ## msec/batch of every method, interleaved (ARGS="--size 224 key=value ...")
 	$(VPY) -m pipeline profile $(ARGS)
 
-compare: setup
+compare: setup ## table and plots of an MLflow experiment (ARGS="--experiment demo")
 	$(VPY) -m pipeline compare $(ARGS)
 
-mlflow-ui: setup
+mlflow-ui: setup ## the MLflow UI for the local store on http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port $${PORT:-5000} \
 		--backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
 
-mlflow-server: setup
+mlflow-server: setup ## a tracking server for a lab (MLFLOW_HOST, MLFLOW_PORT, MLFLOW_BACKEND)
 	@mkdir -p mlflow-server
 	$(VENV)/bin/mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \
 		--backend-store-uri $(MLFLOW_BACKEND) --artifacts-destination $(MLFLOW_ARTIFACTS)
@@ -56,19 +62,20 @@ GPU_PYTHON  ?= python3
 REPORT      ?= gpu-reports
 PART        ?= all
 GPU_TIMEOUT ?= 600
+IMAGE       ?= alignmixup-pipeline:latest
 
-wheelhouse:
+wheelhouse: ## download the wheels `gpu-check` installs on an offline GPU machine (PY=3.12)
 	python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version $(PY) \
 		--implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
 		--platform manylinux_2_28_x86_64 --dest $(WHEELS) -r requirements-gpu.txt
 	@echo "wheels for Python $(PY) in $(WHEELS)/"
 
-gpu-check:
+gpu-check: ## on a CUDA machine: GPU tests, sync count and benchmarks, one report (WHEELS=dir)
 	$(GPU_PYTHON) benchmarks/gpu_check.py --wheels "$(WHEELS)" --report $(REPORT) \
 		--part $(PART) --timeout $(GPU_TIMEOUT)
 
-docker:
-	docker build -f docker/Dockerfile -t alignmixup-pipeline:latest .
+docker: ## build the training image with BuildKit (docker/Dockerfile)
+	DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile -t $(IMAGE) .
 
-clean:
+clean: ## remove runs, demo data, results and the local MLflow store
 	rm -rf runs demo_data profile_results compare_results mlflow.db mlruns mlartifacts .pytest_cache

@@ -24,6 +24,18 @@ COMMAND_MODULES = (
 )
 
 
+def add_recipe_options(parser: argparse.ArgumentParser, what: str = "recipe overrides") -> None:
+    """The two options every command that runs a recipe shares: `key=value` overrides
+    (positional, as `train` takes them) and `--print-config`."""
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=what)
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved recipe as YAML (defaults, extends: and overrides merged; one "
+        "document per recipe) and exit without running anything",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",

@@ -60,6 +60,11 @@ class ModelConfig(Section):
         False, description="let timm download pretrained weights (a node with network)"
     )
     output_stride: Literal[8, 16, 32] = 32
+    timm_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="more keywords for timm.create_model, e.g. drop_path_rate: 0.1 or (ResNets) "
+        "channels: [32, 64, 128, 256]",
+    )
     zero_init_last: bool | None = Field(
         None,
         description="timm ResNets: zero the last BatchNorm of each residual branch (timm: "

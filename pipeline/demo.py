@@ -8,11 +8,19 @@ prints their comparison and draws the AE's decoded interpolations.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
+from pipeline.cli import add_recipe_options
+
 RECIPES = ("baseline", "alignmixup", "alignmixup_ae")
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "demo"
+# Seconds per training step of each demo recipe, validation and checkpoints included, and the
+# fixed cost of a demo (imports, the dataset, the picture), measured with `make demo` on this
+# project's 2-core CPU machine (2026-12-02); only for the estimate printed at the start.
+SECONDS_PER_STEP = {"demo_baseline": 0.14, "demo_alignmixup": 0.14, "demo_alignmixup_ae": 0.17}
+FIXED_S = 15.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,26 +28,62 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="demo_data/digits", help="where to build the digits JPEGs")
     p.add_argument("--output", default="runs/demo", help="run folders go under here")
     p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated demo recipes")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every recipe")
+    add_recipe_options(p, "recipe overrides, applied to every demo recipe")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from pipeline.data.demo import build_digits_dataset
+def demo_recipes(args: argparse.Namespace) -> list:
+    """The demo's recipes with its data and output folders and the user's overrides."""
     from pipeline.recipe import load_recipe
+
+    return [
+        load_recipe(
+            RECIPE_DIR / f"{name}.yaml",
+            [
+                f"data.root={args.data}",
+                f"train.output_dir={Path(args.output) / name}",
+                *args.overrides,
+            ],
+        )
+        for name in args.recipes.split(",")
+    ]
+
+
+def estimate_s(recipes: list, train_images: int) -> list[float]:
+    """Seconds each recipe should take here, from the measured per-step times."""
+    out = []
+    for r in recipes:
+        steps = r.train.epochs * math.ceil(train_images / r.data.batch_size)
+        steps = min(steps, r.train.max_steps or steps)
+        out.append(steps * SECONDS_PER_STEP.get(r.name, max(SECONDS_PER_STEP.values())))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.recipe import print_config
+
+    recipes = demo_recipes(args)
+    if args.print_config:
+        return print_config(recipes)
+    from pipeline.data.demo import build_digits_dataset
     from pipeline.training import Trainer, summary_table
 
     started = time.perf_counter()
     root = build_digits_dataset(args.data)
-    print(f"demo data: {root}")
+    train_images = sum(1 for p in (root / "train").rglob("*") if p.is_file())
+    expected = estimate_s(recipes, train_images)
+    print(
+        f"demo data: {root} ({train_images} training images). {len(recipes)} runs; about "
+        f"{FIXED_S + sum(expected):.0f} s on a 2-core CPU like the one this was measured on"
+    )
     summaries = []
-    for name in args.recipes.split(","):
-        recipe = load_recipe(
-            RECIPE_DIR / f"{name}.yaml",
-            [f"data.root={root}", f"train.output_dir={Path(args.output) / name}", *args.overrides],
-        )
-        print(f"\n== {recipe.name} ({recipe.method.name}) ==")
+    for i, recipe in enumerate(recipes):
+        print(f"\n== {recipe.name} ({recipe.method.name}), run {i + 1} of {len(recipes)} ==")
         summaries.append(Trainer(recipe).fit())
+        left = expected[i + 1 :]
+        if left:  # rescale the rest by how this machine did so far
+            pace = sum(s.wall_s for s in summaries) / max(sum(expected[: i + 1]), 1e-9)
+            print(f"about {pace * sum(left):.0f} s to go")
     print("\n" + summary_table(summaries))
     ae = next((s for s in summaries if s.method == "alignmixup_ae"), None)
     if ae is not None:

@@ -190,3 +190,10 @@ def _validate(tree: dict[str, Any], overrides: list[str] | tuple[str, ...], sour
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML (logged as an MLflow artifact, re-loadable)."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def print_config(recipes: list[Recipe]) -> int:
+    """`--print-config`: print `recipes` as YAML documents that load back to the same recipes;
+    the command's exit status, 0."""
+    print("---\n".join(dump_recipe(r) for r in recipes), end="")
+    return 0

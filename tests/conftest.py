@@ -14,6 +14,7 @@ sys.path.insert(0, str(REPO))
 # Tiny settings every end-to-end test starts from: a 0.37M-parameter timm ResNet at 32 px.
 TINY_OVERRIDES = [
     "model.name=test_resnet",
+    "model.timm_kwargs={}",  # not the demo recipe's half-width channels
     "model.output_stride=8",
     "model.channels_last=false",
     "data.backend=torchvision",

@@ -86,17 +86,17 @@ def test_table_numbers_equal_logged_metrics(store, tmp_path):
     # paper order: baseline before alignmixup before alignmixup_ae
     assert [r["run"] for r in rows] == ["base-run", "align-run", "ae-run"]
     headers = {
-        "final/top1_err": "top-1 err",
-        "final/best_top1_err": "best top-1 err",
-        "final/top5_err": "top-5 err",
+        "final/top1_err": "top-1 err (%)",
+        "final/best_top1_err": "best top-1 err (%)",
+        "final/top5_err": "top-5 err (%)",
         "perf/msec_per_batch": "msec/batch",
-        "eval/ece": "ECE",
-        "eval/fgsm_err": "FGSM err",
-        "eval/pgd_err": "PGD err",
-        "eval/ood/svhn/auroc": "OOD svhn AuROC",
-        "eval/ood/svhn/det_acc": "OOD svhn det acc",
-        "wsol/top1_loc": "Top-1 Loc",
-        "wsol/maxboxacc_v2": "MaxBoxAcc-v2",
+        "eval/ece": "ECE (%)",
+        "eval/fgsm_err": "FGSM err (%)",
+        "eval/pgd_err": "PGD err (%)",
+        "eval/ood/svhn/auroc": "OOD svhn AuROC (%)",
+        "eval/ood/svhn/det_acc": "OOD svhn det acc (%)",
+        "wsol/top1_loc": "Top-1 Loc (%)",
+        "wsol/maxboxacc_v2": "MaxBoxAcc-v2 (%)",
     }
     for row in rows:
         params, metrics, _ = RUNS[row["run"]]
@@ -108,10 +108,10 @@ def test_table_numbers_equal_logged_metrics(store, tmp_path):
             else:
                 assert row[header] == "", (row["run"], key)
     # OOD columns only for metrics some run logged
-    assert "OOD svhn AuPR-in" not in rows[0] and "GT-known Loc" not in rows[0]
+    assert "OOD svhn AuPR-in (%)" not in rows[0] and "GT-known Loc (%)" not in rows[0]
 
     markdown = files["markdown"].read_text().splitlines()
-    header = ["run", "method", "model", "params", "msec/batch", "top-1 err"]
+    header = ["run", "method", "model", "params", "msec/batch", "top-1 err (%)"]
     assert _cells(markdown[0])[:6] == header
     ae_line = next(line for line in markdown if _cells(line)[0] == "ae-run")
     assert _cells(ae_line)[:8] == [

@@ -26,7 +26,8 @@ def _args(*argv: str) -> argparse.Namespace:
 TINY = ["--model", "test_resnet", "--size", "32", "--batch", "4", "--steps", "2", "--warmup", "1"]
 # One thread: on a loaded 2-core machine two OpenMP threads can make each step 10× slower.
 TINY += ["--device", "cpu", "--num-classes", "10", "--threads", "1"]
-TINY += ["--set", "model.ae.decoder_width=16", "--set", "model.ae.decoder_min_width=8"]
+# Recipe overrides, `key=value` after the options as every command takes them.
+SMALL_AE = ["model.ae.decoder_width=16", "model.ae.decoder_min_width=8"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def profiled(tmp_path_factory):
     # MLflow puts a new experiment's artifacts in ./mlruns: keep them in the tmp folder.
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        assert main(["profile", *TINY, "--output", str(out), "--tracking-uri", uri]) == 0
+        assert main(["profile", *TINY, "--output", str(out), "--tracking-uri", uri, *SMALL_AE]) == 0
     return json.loads(out.read_text()), uri
 
 
@@ -99,11 +100,11 @@ def test_mlflow_run_holds_the_table(profiled):
 
 
 def test_a_method_override_reaches_the_methods_that_have_the_key():
-    args = _args(*TINY, "--methods", "baseline,alignmixup", "--set", "method.sinkhorn=converged")
+    args = _args(*TINY, "--methods", "baseline,alignmixup", *SMALL_AE, "method.sinkhorn=converged")
     settings = profile_cmd.settings_from_args(args)
     assert recipe_for("alignmixup", settings).method.sinkhorn == "converged"
     assert recipe_for("baseline", settings).method == load_recipe(None).method
-    assert recipe_for("baseline", settings).model.ae.decoder_width == 16  # the other --set
+    assert recipe_for("baseline", settings).model.ae.decoder_width == 16  # the other override
 
 
 def test_subset_without_baseline_has_no_ratio(tmp_path):
@@ -120,11 +121,11 @@ def test_subset_without_baseline_has_no_ratio(tmp_path):
         (["--methods", "baseline,mixupp"], "mixupp"),
         (["--steps", "0"], "--steps"),
         (["--device", "tpu"], "tpu"),
-        (["--set", "method.sinkhorn=fast"], "method.sinkhorn"),
-        (["--methods", "baseline,cutmix", "--set", "method.sinkhorn=authors"], "none of the"),
+        (["method.sinkhorn=fast"], "method.sinkhorn"),
+        (["--methods", "baseline,cutmix", "method.sinkhorn=authors"], "none of the"),
     ],
 )
 def test_bad_options_are_named(argv, match):
-    args = _args(*TINY, *argv, "--no-mlflow")
+    args = _args(*TINY, "--no-mlflow", *argv)
     with pytest.raises(PipelineError, match=match):
         args.func(args)

@@ -45,6 +45,7 @@ JOB_TIMEOUT = 300.0  # seconds; only so that a broken job cannot hang the suite
 # A 0.4M-parameter timm ResNet at 32 px on the CPU: a few steps take seconds.
 TINY = [
     "model.name=test_resnet",
+    "model.timm_kwargs={}",  # not the demo recipe's half-width channels
     "model.output_stride=8",
     "model.channels_last=false",
     "model.ae.embed_channels=16",

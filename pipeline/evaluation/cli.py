@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.cli import add_recipe_options
+
 DEFAULT_SUITE = "classify,calibration,fgsm,pgd"
 
 
@@ -37,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--weights", choices=("raw", "ema"), default="raw", help="the EMA (train.ema_decay)"
     )
-    ev.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    add_recipe_options(ev, "overrides of the checkpoint's recipe")
     ev.set_defaults(func=run_eval)
 
     ws = subparsers.add_parser(
@@ -58,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ws.add_argument(
         "--weights", choices=("raw", "ema"), default="raw", help="the EMA (train.ema_decay)"
     )
-    ws.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    add_recipe_options(ws, "overrides of the checkpoint's recipe")
     ws.set_defaults(func=run_wsol)
 
     demo = subparsers.add_parser(
@@ -81,6 +83,13 @@ def run_eval(args: argparse.Namespace) -> int:
     from pipeline.evaluation.report import results_table
     from pipeline.evaluation.run import evaluate_checkpoint, parse_suite
 
+    if args.print_config:
+        from pipeline.evaluation.run import checkpoint_recipe
+        from pipeline.recipe import print_config
+
+        return print_config(
+            [checkpoint_recipe(args.checkpoint, args.overrides, args.data, args.weights)]
+        )
     suite_text = args.suite or DEFAULT_SUITE + (",ood" if args.ood_data else "")
     results, logged = evaluate_checkpoint(
         args.checkpoint,
@@ -91,7 +100,7 @@ def run_eval(args: argparse.Namespace) -> int:
         log_mlflow=not args.no_mlflow,
         weights=args.weights,
     )
-    print(results_table(results, f"evaluation of {args.checkpoint} ({args.weights} weights, %)"))
+    print(results_table(results, f"evaluation of {args.checkpoint} ({args.weights} weights)"))
     if logged:
         print(logged)
     return 0
@@ -100,8 +109,13 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_wsol(args: argparse.Namespace) -> int:
     """Localise, log and print the results table."""
     from pipeline.evaluation.report import results_table
-    from pipeline.evaluation.run import localize_checkpoint
+    from pipeline.evaluation.run import checkpoint_recipe, localize_checkpoint
+    from pipeline.recipe import print_config
 
+    if args.print_config:
+        return print_config(
+            [checkpoint_recipe(args.checkpoint, args.overrides, None, args.weights)]
+        )
     scores, logged = localize_checkpoint(
         args.checkpoint,
         args.data,
@@ -113,7 +127,7 @@ def run_wsol(args: argparse.Namespace) -> int:
         log_mlflow=not args.no_mlflow,
         weights=args.weights,
     )
-    print(results_table(scores, f"WSOL of {args.checkpoint} on {args.data} ({args.split}, %)"))
+    print(results_table(scores, f"WSOL of {args.checkpoint} on {args.data} ({args.split})"))
     if logged:
         print(logged)
     return 0

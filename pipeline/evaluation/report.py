@@ -17,7 +17,7 @@ def results_table(results: dict[str, float], title: str) -> str:
     from pipeline.runs.table import cell, format_table
 
     rows = [[key, cell(value, ".2f")] for key, value in results.items()]
-    return title + "\n" + format_table(["metric", "value"], rows)
+    return title + "\n" + format_table(["metric", "value (%)"], rows)
 
 
 def _existing_run(run_id: str | None) -> str | None:
@@ -103,7 +103,12 @@ def _into_journal(folder, recipe, facts, metrics, artifacts, artifact_path) -> s
 def _direct(recipe, run_id, checkpoint, metrics, artifacts, artifact_path) -> str:
     import mlflow
 
-    from pipeline.runs.tracking import experiment_id, resolve_tracking_uri
+    from pipeline.runs.tracking import (
+        DESCRIPTION_TAG,
+        UNITS_NOTE,
+        experiment_id,
+        resolve_tracking_uri,
+    )
 
     uri = resolve_tracking_uri(recipe.tracking.tracking_uri)
     mlflow.set_tracking_uri(uri)
@@ -112,7 +117,11 @@ def _direct(recipe, run_id, checkpoint, metrics, artifacts, artifact_path) -> st
         run = mlflow.start_run(run_id=found)
     else:
         mlflow.set_experiment(experiment_id=experiment_id(recipe.tracking.experiment, uri))
-        tags = {"pipeline.checkpoint": str(checkpoint), "pipeline.kind": "evaluation"}
+        tags = {
+            "pipeline.checkpoint": str(checkpoint),
+            "pipeline.kind": "evaluation",
+            DESCRIPTION_TAG: UNITS_NOTE,
+        }
         if run_id:
             tags["pipeline.source_run_id"] = run_id
         run = mlflow.start_run(run_name=f"{recipe.name}-eval", tags=tags)

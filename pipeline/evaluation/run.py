@@ -140,6 +140,28 @@ def _on_device(loader: Iterable[torch.Tensor], device: torch.device) -> Iterable
         yield x.to(device, non_blocking=True)
 
 
+def _resolve(
+    recipe: Recipe, checkpoint: str | Path, overrides: Sequence[str], data_root: str | None
+) -> Recipe:
+    """The checkpoint's recipe with the command's overrides and `--data` applied."""
+    recipe = apply_overrides(recipe, tuple(overrides), f"{checkpoint} recipe")
+    if data_root is not None:
+        recipe.data.root = str(data_root)
+    return recipe
+
+
+def checkpoint_recipe(
+    checkpoint: str | Path,
+    overrides: Sequence[str] = (),
+    data_root: str | None = None,
+    weights: str = "raw",
+) -> Recipe:
+    """The recipe `eval`/`wsol` would run a checkpoint with (`--print-config`)."""
+    from pipeline.runs.model_file import read_weights
+
+    return _resolve(read_weights(checkpoint, weights)[1], checkpoint, overrides, data_root)
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     suite: Sequence[str],
@@ -161,9 +183,7 @@ def evaluate_checkpoint(
     # Scan the OOD folders first, so an empty one fails before the model is loaded.
     ood_files = {name: find_images(f) for name, f in ood_sets(list(ood_folders)).items()}
     model, recipe, extra = load_model(checkpoint, weights)
-    recipe = apply_overrides(recipe, tuple(overrides), f"{checkpoint} recipe")
-    if data_root is not None:
-        recipe.data.root = str(data_root)
+    recipe = _resolve(recipe, checkpoint, overrides, data_root)
     device = _device(recipe)
     loaders = build_loaders(
         recipe.data, 0, 1, device, recipe.train.seed, class_names=extra["class_names"]
@@ -285,7 +305,7 @@ def localize_checkpoint(
     from pipeline.runs.model_file import load_model
 
     model, recipe, extra = load_model(checkpoint, weights)
-    recipe = apply_overrides(recipe, tuple(overrides), f"{checkpoint} recipe")
+    recipe = _resolve(recipe, checkpoint, overrides, None)
     dataset = CubBoxDataset(
         data_root, split, recipe.data.val_crop, recipe.data.mean, recipe.data.std
     )

@@ -15,6 +15,7 @@ def build_model(cfg: ModelConfig, num_classes: int, autoencoder: bool = False) -
         "zero_init_last": cfg.zero_init_last,
         "pretrained": cfg.timm_pretrained,
         "allow_download": cfg.allow_download,
+        "timm_kwargs": cfg.timm_kwargs,
     }
     if autoencoder:
         return AutoEncoderMixNet(cfg.name, num_classes, cfg.ae, cfg.output_stride, **backbone)

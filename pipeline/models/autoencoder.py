@@ -92,7 +92,8 @@ class AutoEncoderMixNet(MixNet):
         output_stride: int = 32,
         **backbone: Any,
     ) -> None:
-        """`backbone`: MixNet's other keywords (zero_init_last, pretrained, allow_download)."""
+        """`backbone`: MixNet's other keywords (zero_init_last, pretrained, allow_download,
+        timm_kwargs)."""
         self._embed_channels = cfg.embed_channels
         super().__init__(name, num_classes, output_stride, **backbone)
         self.embedding = _conv_bn_relu(self.feature_channels, cfg.embed_channels, k=1)

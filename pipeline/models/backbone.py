@@ -99,12 +99,17 @@ def _pretrained_kwargs(name: str, pretrained: bool | str) -> dict:
     return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
 
 
+# create_backbone's own keywords to timm.create_model, never taken from model.timm_kwargs.
+_OWN_KEYWORDS = ("output_stride", "zero_init_last", "pretrained", "pretrained_cfg_overlay")
+
+
 def create_backbone(
     name: str,
     output_stride: int = 32,
     zero_init_last: bool | None = None,
     pretrained: bool | str = False,
     allow_download: bool = False,
+    timm_kwargs: dict | None = None,
 ) -> tuple[list[nn.Module], int]:
     """A timm model without its head, as stages, and its number of feature channels.
 
@@ -112,9 +117,17 @@ def create_backbone(
     branch, timm's default; False: every BatchNorm weight 1, as the AlignMixup authors'
     ResNet); None keeps the model's own default. `pretrained` (`model.timm_pretrained`) loads
     timm's weights from the local Hugging Face cache (True) or a file; nothing is downloaded
-    unless `allow_download`.
+    unless `allow_download`. `timm_kwargs` (`model.timm_kwargs`) are passed on as they are,
+    except those this function sets itself.
     """
     kwargs: dict = {"num_classes": 0, "global_pool": ""}
+    clash = sorted(set(timm_kwargs or {}) & {*kwargs, *_OWN_KEYWORDS})
+    if clash:
+        raise RecipeError(
+            f"model.timm_kwargs.{clash[0]}: set by the pipeline itself (use model.{clash[0]} "
+            "where there is one)"
+        )
+    kwargs.update(timm_kwargs or {})
     if output_stride != 32:
         kwargs["output_stride"] = output_stride
     if zero_init_last is not None:
@@ -138,12 +151,12 @@ def create_backbone(
             "model.timm_pretrained, or set model.allow_download=true"
         ) from None
     except TypeError as exc:  # a keyword the model's class does not take
-        key = next((k for k in ("zero_init_last", "output_stride") if k in str(exc)), None)
+        own = {k: f"model.{k}" for k in ("zero_init_last", "output_stride")}
+        own.update({k: f"model.timm_kwargs.{k}" for k in timm_kwargs or {}})
+        key = next((k for k in own if f"'{k}'" in str(exc)), None)  # "... argument 'key'"
         if key is None:
             raise
-        raise RecipeError(
-            f"model.{key}: timm model {name!r} has no such setting; leave it at its default"
-        ) from None
+        raise RecipeError(f"{own[key]}: timm model {name!r} has no such setting ({exc})") from None
     return split_stages(backbone), int(backbone.num_features)
 
 
@@ -160,11 +173,12 @@ class MixNet(nn.Module):
         zero_init_last: bool | None = None,
         pretrained: bool | str = False,
         allow_download: bool = False,
+        timm_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
         self.timm_name = name
         stages, self.feature_channels = create_backbone(
-            name, output_stride, zero_init_last, pretrained, allow_download
+            name, output_stride, zero_init_last, pretrained, allow_download, timm_kwargs
         )
         self.stages = nn.ModuleList(stages)
         self.classifier = nn.Linear(self._head_channels(), num_classes)

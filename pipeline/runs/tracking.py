@@ -25,6 +25,14 @@ from pipeline.runs.sender import SendState, pending_bytes, send_pending
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 FOLDER = "tracking"  # inside the run's output folder
+# MLflow keeps no unit per metric; every run this pipeline logs says them in its description
+# (the `mlflow.note.content` tag, shown at the top of the run's page in the UI).
+UNITS_NOTE = (
+    "Units: every error, accuracy, calibration (ECE) and localisation metric (val/*, final/*, "
+    "eval/*, eval_ema/*, wsol/*) is a percentage, 0-100. perf/msec_per_batch and msec_* are "
+    "milliseconds per training step, perf/images_per_s images per second."
+)
+DESCRIPTION_TAG = "mlflow.note.content"
 
 
 def resolve_tracking_uri(recipe_uri: str | None = None) -> str:
@@ -172,7 +180,11 @@ class Tracker:
                 "start",
                 name=self.cfg.run_name or self.recipe.name,
                 experiment=self.cfg.experiment,
-                tags={"method": self.recipe.method.name, "model": self.recipe.model.name},
+                tags={
+                    "method": self.recipe.method.name,
+                    "model": self.recipe.model.name,
+                    DESCRIPTION_TAG: UNITS_NOTE,
+                },
                 params={**self.recipe.flat(), **extra_params},
                 recipe=dump_recipe(self.recipe),
             )

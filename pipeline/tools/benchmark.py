@@ -97,7 +97,7 @@ def check_settings(s: Settings) -> None:
     for override in s.overrides:
         if not any(_applies(override, m) for m in s.methods):
             raise PipelineError(
-                f"--set {override}: none of the profiled methods ({', '.join(s.methods)}) has "
+                f"{override}: none of the profiled methods ({', '.join(s.methods)}) has "
                 "that setting"
             )
     for method in s.methods:

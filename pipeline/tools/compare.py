@@ -52,12 +52,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _compare_run_id(client: MlflowClient, experiment_id: str, runs: list[Run]) -> str:
     """The experiment's compare run, created on first use so re-runs add no new rows."""
+    from pipeline.runs.tracking import DESCRIPTION_TAG, UNITS_NOTE
     from pipeline.tools.runs_table import COMPARE_TAG, COMPARE_VALUE, is_compare_run
 
     existing = [r for r in runs if is_compare_run(r)]
     if existing:
         return existing[-1].info.run_id
-    run = client.create_run(experiment_id, run_name="compare", tags={COMPARE_TAG: COMPARE_VALUE})
+    tags = {COMPARE_TAG: COMPARE_VALUE, DESCRIPTION_TAG: UNITS_NOTE}
+    run = client.create_run(experiment_id, run_name="compare", tags=tags)
     client.set_terminated(run.info.run_id)
     return run.info.run_id
 

@@ -14,8 +14,8 @@ def _figure():
     return fig, fig.subplots()
 
 
-def plot_val_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> Path | None:
-    """Validation top-1 error per epoch, one line per run; None when no run has a history."""
+def draw_val_curves(curves: dict[str, list[tuple[int, float]]]):
+    """Validation top-1 error (%) per epoch, one line per run; None when no run has a history."""
     curves = {label: points for label, points in curves.items() if points}
     if not curves:
         return None
@@ -27,15 +27,14 @@ def plot_val_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> P
         ax.plot(steps, values, marker="o", markersize=3, label=label)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("validation top-1 error")
+    ax.set_ylabel("validation top-1 error (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.savefig(path)
-    return path
+    return fig
 
 
-def plot_error_vs_time(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """Final top-1 error against msec/batch, each point labelled; None when no run has both."""
+def draw_error_vs_time(rows: list[dict[str, Any]]):
+    """Final top-1 error (%) against msec/batch, each point labelled; None when no run has both."""
     points = [
         (r["perf/msec_per_batch"], r["final/top1_err"], r["run"])
         for r in rows
@@ -48,7 +47,23 @@ def plot_error_vs_time(rows: list[dict[str, Any]], path: Path) -> Path | None:
         ax.scatter([x], [y])
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small")
     ax.set_xlabel("msec / batch (training step)")
-    ax.set_ylabel("final top-1 error")
+    ax.set_ylabel("final top-1 error (%)")
     ax.grid(alpha=0.3)
+    return fig
+
+
+def _save(fig, path: Path) -> Path | None:
+    if fig is None:
+        return None
     fig.savefig(path)
     return path
+
+
+def plot_val_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> Path | None:
+    """`draw_val_curves` saved as a PNG at `path`; None when there is nothing to draw."""
+    return _save(draw_val_curves(curves), path)
+
+
+def plot_error_vs_time(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """`draw_error_vs_time` saved as a PNG at `path`; None when there is nothing to draw."""
+    return _save(draw_error_vs_time(rows), path)

@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from pipeline.cli import add_recipe_options
+
 # Per device type: size, batch, amp, steps, warmup, channels_last.
 DEFAULTS = {
     "cuda": {
@@ -62,13 +64,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--num-classes", type=int, default=1000, help="default: %(default)s")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="recipe override, e.g. method.sinkhorn=converged (repeatable); a method.KEY "
-        "override applies to the methods that have KEY",
+    add_recipe_options(
+        p,
+        "recipe overrides, e.g. method.sinkhorn=converged; a method.KEY override applies to the "
+        "methods that have KEY",
     )
     p.add_argument("--output", type=Path, help="write the records as JSON here")
     p.add_argument("--no-mlflow", action="store_true", help="log no MLflow run")
@@ -118,7 +117,7 @@ def settings_from_args(args: argparse.Namespace):
         compile=args.compile,
         device=device,
         num_classes=args.num_classes,
-        overrides=args.set,
+        overrides=list(args.overrides),
         **chosen,
     )
     check_settings(settings)  # a bad method or override fails here, named, before any work
@@ -184,12 +183,14 @@ def log_to_mlflow(records: list[dict], table: str, settings, experiment: str, ur
     from dataclasses import asdict
 
     from pipeline.runs.store import open_client
-    from pipeline.runs.tracking import experiment_id
+    from pipeline.runs.tracking import DESCRIPTION_TAG, UNITS_NOTE, experiment_id
 
     client = open_client(uri)
     exp_id = experiment_id(experiment, uri)
     name = f"profile-{settings.model}-{settings.device}-{settings.size}px"
-    run_id = client.create_run(exp_id, run_name=name).info.run_id
+    run_id = client.create_run(
+        exp_id, run_name=name, tags={DESCRIPTION_TAG: UNITS_NOTE}
+    ).info.run_id
     for key, value in asdict(settings).items():
         client.log_param(run_id, key, ",".join(value) if isinstance(value, list) else value)
     for r in records:
@@ -211,6 +212,11 @@ def run_command(args: argparse.Namespace) -> int:
     from pipeline.tools.benchmark import run_profile
 
     settings = settings_from_args(args)
+    if args.print_config:
+        from pipeline.recipe import print_config
+        from pipeline.tools.benchmark import recipe_for
+
+        return print_config([recipe_for(method, settings) for method in settings.methods])
     records = run_profile(settings)
     table = format_table(records)
     print(f"\n{describe(settings)}\n\n{table}", end="")

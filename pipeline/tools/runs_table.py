@@ -1,8 +1,10 @@
 """The comparison table: one row per MLflow run, columns in the paper's layout (Table 2 onward).
 
-Columns other than the core ones (run, method, params, msec/batch, final and best top-1 error)
-appear only when at least one run logged them, so a table of training-only runs stays narrow
-and evaluated runs gain ECE, FGSM/PGD and one group of OOD columns per OOD set.
+Error, accuracy, calibration and localisation columns are percentages (0–100), as logged, and
+their headers say `(%)`. Columns other than the core ones (run, method, params, msec/batch,
+final and best top-1 error) appear only when at least one run logged them, so a table of
+training-only runs stays narrow and evaluated runs gain ECE, FGSM/PGD and one group of OOD
+columns per OOD set.
 """
 
 from __future__ import annotations
@@ -37,16 +39,16 @@ FIXED_COLUMNS = (
     Column("num_params", "params", core=True),
     Column("perf/msec_per_batch", "msec/batch", core=True),
     Column("perf/images_per_s", "images/s"),
-    Column("final/top1_err", "top-1 err", core=True),
-    Column("final/best_top1_err", "best top-1 err", core=True),
-    Column("final/top5_err", "top-5 err"),
-    Column("eval/top1_err", "eval top-1 err"),
-    Column("eval/ece", "ECE"),
-    Column("eval/fgsm_err", "FGSM err"),
-    Column("eval/pgd_err", "PGD err"),
-    Column("wsol/top1_loc", "Top-1 Loc"),
-    Column("wsol/gt_known_loc", "GT-known Loc"),
-    Column("wsol/maxboxacc_v2", "MaxBoxAcc-v2"),
+    Column("final/top1_err", "top-1 err (%)", core=True),
+    Column("final/best_top1_err", "best top-1 err (%)", core=True),
+    Column("final/top5_err", "top-5 err (%)"),
+    Column("eval/top1_err", "eval top-1 err (%)"),
+    Column("eval/ece", "ECE (%)"),
+    Column("eval/fgsm_err", "FGSM err (%)"),
+    Column("eval/pgd_err", "PGD err (%)"),
+    Column("wsol/top1_loc", "Top-1 Loc (%)"),
+    Column("wsol/gt_known_loc", "GT-known Loc (%)"),
+    Column("wsol/maxboxacc_v2", "MaxBoxAcc-v2 (%)"),
 )
 OOD_METRICS = (
     ("det_acc", "det acc"),
@@ -106,7 +108,7 @@ def columns_for(rows: list[dict[str, Any]]) -> list[Column]:
         for metric, label in OOD_METRICS:
             key = f"eval/ood/{name}/{metric}"
             if any(key in r for r in rows):
-                wanted.append(Column(key, f"OOD {name} {label}"))
+                wanted.append(Column(key, f"OOD {name} {label} (%)"))
     return wanted
 
 

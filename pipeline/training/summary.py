@@ -30,7 +30,7 @@ class RunSummary:
 
 def summary_table(summaries: list[RunSummary]) -> str:
     """One row per run: method, size, steps, errors (%), speed and wall time."""
-    headers = ["run", "method", "params", "steps", "top-1 err", "best", "top-5 err"]
+    headers = ["run", "method", "params", "steps", "top-1 err (%)", "best (%)", "top-5 err (%)"]
     headers += ["ms/batch", "img/s", "wall s"]
     rows = [
         [

@@ -180,7 +180,9 @@ class Trainer:
             remaining = min(
                 self.steps_per_epoch - self.state.step_in_epoch, self.total_steps - self.state.step
             )
-            progress = _progress(remaining, f"epoch {epoch}", acc.is_main_process and cfg.progress)
+            epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+            desc = f"{self.recipe.name} epoch {epoch + 1}/{epochs}"
+            progress = _progress(remaining, desc, acc.is_main_process and cfg.progress)
             window = _Window(self.state.step)
             for images, labels in loader:
                 micro_batches, last_micro = self._accumulation_window()
