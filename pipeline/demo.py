@@ -60,6 +60,7 @@ def estimate_s(recipes: list, train_images: int) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
     from pipeline.recipe import print_config
 
     recipes = demo_recipes(args)
@@ -68,7 +69,6 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.data.demo import build_digits_dataset
     from pipeline.training import Trainer, summary_table
 
-    started = time.perf_counter()
     root = build_digits_dataset(args.data)
     train_images = sum(1 for p in (root / "train").rglob("*") if p.is_file())
     expected = estimate_s(recipes, train_images)

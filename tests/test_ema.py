@@ -67,7 +67,7 @@ def test_ema_survives_preemption_and_is_validated_and_evaluated(tiny_overrides, 
     assert not torch.equal(ema_model.classifier.weight, raw_model.classifier.weight)
     argv = ["eval", "--checkpoint", str(out), "--suite", "classify", "--no-mlflow"]
     assert main([*argv, "--weights", "ema"]) == 0
-    assert "(ema weights, %)" in capsys.readouterr().out
+    assert "(ema weights)\n| metric   | value (%) |" in capsys.readouterr().out
 
 
 def test_asking_for_an_ema_that_was_not_kept_is_named(tiny_overrides):
