@@ -78,7 +78,9 @@ class ModelConfig(Section):
 class DataConfig(Section):
     backend: Literal["dali", "torchvision"] = "dali"
     root: str = "data/imagenet"
-    layout: Literal["imagefolder", "filelist", "cub"] = "imagefolder"
+    layout: Literal["imagefolder", "filelist", "cub", "cifar10", "cifar100", "tinyimagenet"] = (
+        "imagefolder"
+    )
     train_list: str | None = Field(None, description="filelist layout: 'path label' lines")
     val_list: str | None = None
     batch_size: int = Field(256, ge=1, description="per device")
@@ -103,6 +105,9 @@ class DataConfig(Section):
     crop_area: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
+    crop_padding: int = Field(
+        4, ge=0, description="cifar10/cifar100/tinyimagenet: random crop after this zero padding"
+    )
     color_jitter: float = Field(0.4, ge=0, description="brightness/contrast/saturation")
     lighting: float = Field(0.1, ge=0, description="PCA lighting alphastd")
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)

@@ -115,6 +115,17 @@ def test_subset_without_baseline_has_no_ratio(tmp_path):
     assert record["method"] == "cutmix" and record["ratio_to_baseline"] is None
 
 
+def test_epoch_time_is_the_steps_of_an_epoch_at_the_measured_speed(tmp_path):
+    out = tmp_path / "p.json"
+    args = _args(*TINY, "--methods", "baseline", "--epoch-images", "10", "--output", str(out))
+    assert _args(*TINY, "--no-mlflow").epoch_images is None
+    args.no_mlflow = True
+    assert args.func(args) == 0
+    (record,) = json.loads(out.read_text())
+    # 10 images at --batch 4: 3 steps (the last one short, timed as a full one).
+    assert record["epoch_s"] == pytest.approx(3 * record["msec_per_batch"] / 1000)
+
+
 @pytest.mark.parametrize(
     ("argv", "match"),
     [

@@ -32,6 +32,7 @@ CUB_METHODS = ("baseline", "cutmix", "alignmixup")
 IMAGENET = [f"imagenet_{m}" for m in IMAGENET_METHODS]
 CUB = [f"cub_wsol_{m}" for m in CUB_METHODS]
 FOLDERS = ("imagenet", "cub_wsol")  # recipes/<folder>/<method>.yaml is named <folder>_<method>
+SMALL = ("cifar10", "cifar100", "tinyimagenet")  # the paper's small-data setting
 
 
 def recipe_path(name: str) -> str:
@@ -58,11 +59,11 @@ def test_the_published_set_covers_every_method_of_the_paper():
     assert set(IMAGENET) | set(CUB) <= published
 
 
-@pytest.mark.parametrize("folder", [*FOLDERS, "demo"])
+@pytest.mark.parametrize("folder", [*FOLDERS, "demo", *SMALL])
 def test_recipes_of_a_folder_differ_only_in_name_and_method(folder):
     """Each recipe `extends:` its folder's `_base.yaml` and adds a name (`<folder>_<file>`, the
     run folder slurm/launch.sh derives from the path) and a method; the AE's decoder sizes and
-    clipping are the demo's one exception."""
+    clipping are the one exception (demo and the small-data sets)."""
     paths = sorted((REPO / "recipes" / folder).glob("[!_]*.yaml"))
     assert len(paths) >= 3
     shared = []
@@ -71,7 +72,7 @@ def test_recipes_of_a_folder_differ_only_in_name_and_method(folder):
         tree = load_recipe(path).model_dump(mode="json")
         assert tree["name"] == f"{folder}_{path.stem}"
         del tree["name"], tree["method"]
-        if folder == "demo":  # the AE's decoder is sized for 32 px and clipped
+        if folder in ("demo", *SMALL):  # the AE's decoder is sized for 32/64 px and clipped
             del tree["model"]["ae"], tree["optim"]["grad_clip"]
         shared.append(tree)
     assert all(tree == shared[0] for tree in shared), folder

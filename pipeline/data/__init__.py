@@ -72,6 +72,12 @@ def build_loaders(
 
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+    from pipeline.data.memory import LAYOUTS
+
+    if data_cfg.layout in LAYOUTS:
+        return _memory_loaders(
+            data_cfg, rank, world_size, device, seed, class_names, index_fallback_dir
+        )
 
     def split(name: str, names: list[str] | None) -> IndexedSplit:
         found = indexed_split(data_cfg, name, names, index_fallback_dir)
@@ -100,4 +106,30 @@ def build_loaders(
         train_index=train.split.index if train else None,
         val_index=val_split.index,
         indexes=[found for found in (train, val) if found is not None],
+    )
+
+
+def _memory_loaders(data_cfg, rank, world_size, device, seed, class_names, cache_dir) -> Loaders:
+    """CIFAR-10/100 or Tiny-ImageNet, whole splits in memory (pipeline/data/memory.py)."""
+    import torch
+
+    from pipeline.data.memory import MemoryLoader, read_split
+
+    cache = Path(cache_dir) if cache_dir is not None else None
+    common = {"rank": rank, "world_size": world_size, "seed": seed, "device": torch.device(device)}
+    train = read_split(data_cfg, "train", cache) if class_names is None else None
+    val = read_split(data_cfg, "val", cache)
+    names = list(class_names) if class_names is not None else val.class_names
+    val_batch = data_cfg.val_batch_size or data_cfg.batch_size
+    if data_cfg.max_val_samples is not None and data_cfg.max_val_samples < len(val.labels):
+        n, limit = len(val.labels), data_cfg.max_val_samples
+        keep = [i * n // limit for i in range(limit)]
+        val = type(val)(val.images[keep], val.labels[keep], val.class_names, val.source)
+    return Loaders(
+        train=MemoryLoader(train, data_cfg, train=True, batch_size=data_cfg.batch_size, **common)
+        if train is not None
+        else None,
+        val=MemoryLoader(val, data_cfg, train=False, batch_size=val_batch, **common),
+        num_classes=len(names),
+        class_names=names,
     )

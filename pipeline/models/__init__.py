@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pipeline.config import ModelConfig
+from pipeline.models import small  # noqa: F401  (registers preactresnet18 and wrn16_8 in timm)
 from pipeline.models.autoencoder import AutoEncoderMixNet
 from pipeline.models.backbone import MixNet
 

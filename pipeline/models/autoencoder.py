@@ -97,12 +97,13 @@ class AutoEncoderMixNet(MixNet):
         self._embed_channels = cfg.embed_channels
         super().__init__(name, num_classes, output_stride, **backbone)
         self.embedding = _conv_bn_relu(self.feature_channels, cfg.embed_channels, k=1)
-        if cfg.decoder_output_stride > output_stride:
+        stride = self.feature_stride  # model.output_stride, or the architecture's own
+        if cfg.decoder_output_stride > stride:
             raise RecipeError(
                 f"model.ae.decoder_output_stride ({cfg.decoder_output_stride}) must not exceed "
-                f"model.output_stride ({output_stride})"
+                f"the backbone's stride at A ({stride}, model.output_stride)"
             )
-        upsamplings = int(math.log2(output_stride // cfg.decoder_output_stride))
+        upsamplings = int(math.log2(stride // cfg.decoder_output_stride))
         self.decoder = ResidualDecoder(cfg.embed_channels, upsamplings, cfg)
 
     def _head_channels(self) -> int:

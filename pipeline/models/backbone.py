@@ -110,8 +110,9 @@ def create_backbone(
     pretrained: bool | str = False,
     allow_download: bool = False,
     timm_kwargs: dict | None = None,
-) -> tuple[list[nn.Module], int]:
-    """A timm model without its head, as stages, and its number of feature channels.
+) -> tuple[list[nn.Module], int, int]:
+    """A timm model without its head, as stages, its number of feature channels and its
+    stride at `A` (`output_stride`, or the model's own `feature_stride` where it has one).
 
     `zero_init_last` goes to timm (ResNets: zero the last BatchNorm weight of each residual
     branch, timm's default; False: every BatchNorm weight 1, as the AlignMixup authors'
@@ -157,7 +158,8 @@ def create_backbone(
         if key is None:
             raise
         raise RecipeError(f"{own[key]}: timm model {name!r} has no such setting ({exc})") from None
-    return split_stages(backbone), int(backbone.num_features)
+    stride = int(getattr(backbone, "feature_stride", output_stride))
+    return split_stages(backbone), int(backbone.num_features), stride
 
 
 class MixNet(nn.Module):
@@ -177,7 +179,7 @@ class MixNet(nn.Module):
     ) -> None:
         super().__init__()
         self.timm_name = name
-        stages, self.feature_channels = create_backbone(
+        stages, self.feature_channels, self.feature_stride = create_backbone(
             name, output_stride, zero_init_last, pretrained, allow_download, timm_kwargs
         )
         self.stages = nn.ModuleList(stages)

@@ -68,15 +68,18 @@ def write_comparison(
     rows: list[dict[str, Any]], curves: dict[str, list[tuple[int, float]]], output_dir: Path
 ) -> dict[str, Path]:
     """The table (Markdown, CSV) and plots of `rows`; the written files by kind."""
-    from pipeline.tools import compare_plots, runs_table
+    from pipeline.tools import compare_plots, reference, runs_table
 
+    rows = [reference.add_gap(r, curves.get(r["run"], [])) for r in rows]
     columns = runs_table.columns_for(rows)
     output_dir.mkdir(parents=True, exist_ok=True)
     files = {"markdown": output_dir / "comparison.md", "csv": output_dir / "comparison.csv"}
     files["markdown"].write_text(runs_table.to_markdown(rows, columns))
     files["csv"].write_text(runs_table.to_csv(rows, columns))
     plots = {
-        "val_curves": compare_plots.plot_val_curves(curves, output_dir / "val_curves.png"),
+        "val_curves": compare_plots.plot_val_curves(
+            curves, output_dir / "val_curves.png", reference.references_for(rows)
+        ),
         "error_vs_time": compare_plots.plot_error_vs_time(rows, output_dir / "error_vs_time.png"),
     }
     files.update({k: v for k, v in plots.items() if v is not None})

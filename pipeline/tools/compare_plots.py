@@ -14,14 +14,24 @@ def _figure():
     return fig, fig.subplots()
 
 
-def draw_val_curves(curves: dict[str, list[tuple[int, float]]]):
-    """Validation top-1 error (%) per epoch, one line per run; None when no run has a history."""
+def draw_val_curves(
+    curves: dict[str, list[tuple[int, float]]],
+    references: dict[str, list[tuple[int, float]]] | None = None,
+):
+    """Validation top-1 error (%) per epoch, one line per run, over the `references` (the
+    authors' curves, dashed, cut at the runs' last epoch); None when no run has a history."""
     curves = {label: points for label, points in curves.items() if points}
     if not curves:
         return None
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = _figure()
+    last = max(step for points in curves.values() for step, _ in points)
+    for label, points in (references or {}).items():
+        shown = [p for p in sorted(points) if p[0] <= last]
+        if shown:
+            steps, values = zip(*shown, strict=True)
+            ax.plot(steps, values, linestyle="--", color="grey", lw=1, label=label)
     for label, points in curves.items():
         steps, values = zip(*sorted(points), strict=True)
         ax.plot(steps, values, marker="o", markersize=3, label=label)
@@ -59,9 +69,13 @@ def _save(fig, path: Path) -> Path | None:
     return path
 
 
-def plot_val_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> Path | None:
+def plot_val_curves(
+    curves: dict[str, list[tuple[int, float]]],
+    path: Path,
+    references: dict[str, list[tuple[int, float]]] | None = None,
+) -> Path | None:
     """`draw_val_curves` saved as a PNG at `path`; None when there is nothing to draw."""
-    return _save(draw_val_curves(curves), path)
+    return _save(draw_val_curves(curves, references), path)
 
 
 def plot_error_vs_time(rows: list[dict[str, Any]], path: Path) -> Path | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from pipeline.cli import add_recipe_options
@@ -26,7 +27,14 @@ DEFAULTS = {
     },
     "cpu": {"size": 64, "batch": 8, "amp": "no", "steps": 20, "warmup": 2, "channels_last": False},
 }
-METRICS = ("msec_per_batch", "msec_iqr", "images_per_s", "ratio_to_baseline", "hook_msec")
+METRICS = (
+    "msec_per_batch",
+    "msec_iqr",
+    "images_per_s",
+    "ratio_to_baseline",
+    "hook_msec",
+    "epoch_s",
+)
 
 
 def _defaults(key: str) -> str:
@@ -68,6 +76,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p,
         "recipe overrides, e.g. method.sinkhorn=converged; a method.KEY override applies to the "
         "methods that have KEY",
+    )
+    p.add_argument(
+        "--epoch-images",
+        type=int,
+        metavar="N",
+        help="also give the seconds an epoch of N training images takes at this speed, e.g. "
+        "50000 for CIFAR (steps of --batch × the measured msec/batch)",
     )
     p.add_argument("--output", type=Path, help="write the records as JSON here")
     p.add_argument("--no-mlflow", action="store_true", help="log no MLflow run")
@@ -146,6 +161,9 @@ def format_table(records: list[dict]) -> str:
         "align_mix ms/call",
         "Sinkhorn ms/call (iters)",
     ]
+    epoch = records and "epoch_s" in records[0]
+    if epoch:
+        headers.append(f"s/epoch ({records[0]['epoch_images']} images)")
     rows = []
     for r in records:
         sinkhorn = cell(r.get("sinkhorn_msec_per_call"), ".2f")
@@ -163,6 +181,8 @@ def format_table(records: list[dict]) -> str:
             cell(r.get("align_mix_msec_per_call"), ".2f"),
             sinkhorn,
         ]
+        if epoch:
+            cells.append(cell(r["epoch_s"], ".1f"))
         rows.append(cells)
     return format_table(headers, rows)
 
@@ -196,7 +216,7 @@ def log_to_mlflow(records: list[dict], table: str, settings, experiment: str, ur
     for r in records:
         client.log_metric(run_id, f"{r['method']}/params", r["params"])
         for key in METRICS:
-            if r[key] is not None:
+            if r.get(key) is not None:
                 client.log_metric(run_id, f"{r['method']}/{key}", r[key])
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "profile.md").write_text(describe(settings) + "\n\n" + table)
@@ -218,6 +238,10 @@ def run_command(args: argparse.Namespace) -> int:
 
         return print_config([recipe_for(method, settings) for method in settings.methods])
     records = run_profile(settings)
+    if args.epoch_images:
+        steps = math.ceil(args.epoch_images / settings.batch)
+        for r in records:
+            r["epoch_images"], r["epoch_s"] = args.epoch_images, r["msec_per_batch"] * steps / 1e3
     table = format_table(records)
     print(f"\n{describe(settings)}\n\n{table}", end="")
     if args.output:

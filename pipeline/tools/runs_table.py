@@ -46,6 +46,8 @@ FIXED_COLUMNS = (
     Column("eval/ece", "ECE (%)"),
     Column("eval/fgsm_err", "FGSM err (%)"),
     Column("eval/pgd_err", "PGD err (%)"),
+    Column("ref/top1_err", "authors' top-1 err then (%)"),
+    Column("ref/gap", "gap to authors (% points)"),
     Column("wsol/top1_loc", "Top-1 Loc (%)"),
     Column("wsol/gt_known_loc", "GT-known Loc (%)"),
     Column("wsol/maxboxacc_v2", "MaxBoxAcc-v2 (%)"),
@@ -70,6 +72,7 @@ def row(name: str, params: dict[str, Any], metrics: dict[str, float], run_id: st
     out["run"] = name
     out["method"] = str(params.get("method.name", ""))
     out["model"] = str(params.get("model.name", ""))
+    out["layout"] = str(params.get("data.layout", ""))
     count = str(params.get("num_params", ""))
     out["num_params"] = int(count) if count.isdigit() else None
     out["run_id"] = run_id

@@ -1,0 +1,230 @@
+"""Small datasets held in memory: CIFAR-10, CIFAR-100 and Tiny-ImageNet (AlignMixup's Table 1).
+
+`data.layout` `cifar10` / `cifar100` read the python batches as distributed
+(`cifar-10-batches-py/`, `cifar-100-python/`), `tinyimagenet` reads `tiny-imagenet-200/`
+(`train/<wnid>/images/*.JPEG`, `val/images/*` with `val/val_annotations.txt`); `data.root` is that
+folder or the one holding it. Nothing is downloaded. Validation is CIFAR's test set and
+Tiny-ImageNet's val set, as the authors report.
+
+A whole split is one uint8 NCHW tensor (on the GPU when training there: 150 MB for CIFAR, 1.2 GB
+for Tiny-ImageNet). Each batch is gathered by index and augmented as batched tensor operations
+on the device, the authors' `RandomCrop(side, padding=4)` and `RandomHorizontalFlip`, then
+normalised; no per-sample Python runs in the training loop. Which sample each rank reads, and
+its crop offset and flip, come from the same per-slot plan as the file loaders
+(`sharding.train_plan`): a function of (seed, epoch, slot), so a resume is exact and a sample's
+augmentation does not depend on the number of ranks. DALI is not used: it would decode files,
+and these sets are decoded once (docs/data.md).
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipeline.data.base import PlannedLoader
+from pipeline.data.check import CheckedSplit
+from pipeline.data.layouts import SplitIndex
+from pipeline.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.config import DataConfig
+
+LAYOUTS = ("cifar10", "cifar100", "tinyimagenet")
+FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+FOLDERS["tinyimagenet"] = "tiny-imagenet-200"
+_CIFAR_FILES = {
+    ("cifar10", "train"): [f"data_batch_{i}" for i in range(1, 6)],
+    ("cifar10", "val"): ["test_batch"],
+    ("cifar100", "train"): ["train"],
+    ("cifar100", "val"): ["test"],
+}
+_CIFAR_META = {"cifar10": ("batches.meta", "label_names", "labels")}
+_CIFAR_META["cifar100"] = ("meta", "fine_label_names", "fine_labels")
+
+
+@dataclass
+class ArraySplit:
+    """One split in memory: images (N, 3, H, W) uint8, labels (N,) int64, the class names."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    source: str  # where it was read, for messages
+
+
+def dataset_folder(root: str | Path, layout: str) -> Path:
+    """`root` itself when it is the dataset's folder, else the dataset's folder inside it."""
+    root, name = Path(root), FOLDERS[layout]
+    for candidate in (root, root / name):
+        if candidate.name == name and candidate.is_dir():
+            return candidate
+    raise DataError(
+        f"data.root {root}: no {name}/ folder (data.layout {layout}); put the dataset as "
+        f"distributed at {root / name} (nothing is downloaded)"
+    )
+
+
+def _unpickle(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(
+            f"{path}: missing; the {path.parent.name}/ folder is incomplete (it needs every "
+            "batch file of the distributed archive)"
+        )
+    try:
+        with path.open("rb") as f:
+            return pickle.load(f, encoding="bytes")  # the format CIFAR is distributed in
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise DataError(f"{path}: not a CIFAR python batch ({type(exc).__name__}: {exc})") from None
+
+
+def read_cifar(root: str | Path, layout: str, split: str) -> ArraySplit:
+    """A CIFAR-10/100 split from the python batches (`data` rows of 3072 bytes, R then G then
+    B planes of 32 × 32)."""
+    folder = dataset_folder(root, layout)
+    meta_file, names_key, labels_key = _CIFAR_META[layout]
+    names = [n.decode() for n in _unpickle(folder / meta_file)[names_key.encode()]]
+    images, labels = [], []
+    for name in _CIFAR_FILES[layout, split]:
+        batch = _unpickle(folder / name)
+        try:
+            data, y = batch[b"data"], batch[labels_key.encode()]
+        except KeyError as exc:
+            raise DataError(f"{folder / name}: no {exc.args[0]!r} entry") from None
+        images.append(np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(y, dtype=np.int64))
+    return ArraySplit(np.concatenate(images), np.concatenate(labels), names, str(folder))
+
+
+def _decode(paths: list[Path], side: int) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    out = np.empty((len(paths), side, side, 3), dtype=np.uint8)
+    for i, path in enumerate(paths):  # once per dataset; the result is cached (`_cached`)
+        try:
+            with Image.open(path) as im:
+                out[i] = np.asarray(im.convert("RGB").resize((side, side)))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise DataError(f"{path}: cannot be decoded ({exc})") from None
+    return out.transpose(0, 3, 1, 2).copy()
+
+
+def _tiny_files(folder: Path, split: str, wnids: list[str]) -> tuple[list[Path], list[int]]:
+    label = {w: i for i, w in enumerate(wnids)}
+    if split == "train":
+        files = [
+            (p, label[w]) for w in wnids for p in sorted((folder / "train" / w).glob("images/*"))
+        ]
+        if not files:
+            raise DataError(f"{folder / 'train'}: no train/<wnid>/images/* files")
+    else:
+        notes = folder / "val" / "val_annotations.txt"
+        if not notes.is_file():
+            raise DataError(f"{notes}: missing (Tiny-ImageNet's val labels)")
+        files = []
+        for n, line in enumerate(notes.read_text().splitlines(), 1):
+            parts = line.split()
+            if len(parts) < 2 or parts[1] not in label:
+                raise DataError(f"{notes}:{n}: expected 'file wnid ...' with a wnid of wnids.txt")
+            files.append((folder / "val" / "images" / parts[0], label[parts[1]]))
+    missing = [str(p) for p, _ in files if not p.is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} listed Tiny-ImageNet files are missing, e.g. {missing[0]}")
+    return [p for p, _ in files], [y for _, y in files]
+
+
+def read_tinyimagenet(root: str | Path, split: str, cache_dir: Path | None = None) -> ArraySplit:
+    """A Tiny-ImageNet split, decoded once (64 × 64 RGB) and cached as .npy beside the data
+    (or in `cache_dir`) for every later start."""
+    folder = dataset_folder(root, "tinyimagenet")
+    wnids_file = folder / "wnids.txt"
+    if not wnids_file.is_file():
+        raise DataError(f"{wnids_file}: missing (the 200 class ids, one a line)")
+    wnids = wnids_file.read_text().split()
+    files, labels = _tiny_files(folder, split, wnids)
+    key = f"{len(files)}-{sum(p.stat().st_mtime_ns for p in files[:: max(1, len(files) // 64)])}"
+    images = _cached(
+        folder, cache_dir, f"tinyimagenet-{split}-{key}.npy", lambda: _decode(files, 64)
+    )
+    return ArraySplit(images, np.asarray(labels, dtype=np.int64), wnids, str(folder))
+
+
+def _cached(folder: Path, cache_dir: Path | None, name: str, make) -> np.ndarray:
+    """`make()`, kept in `<folder>/.pipeline_index/name` (or `cache_dir` when read-only)."""
+    for where in (folder / ".pipeline_index", cache_dir):
+        if where is not None and (where / name).is_file():
+            return np.load(where / name)
+    array = make()
+    for where in (folder / ".pipeline_index", cache_dir):
+        if where is None:
+            continue
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            tmp = where / f".{name}.partial.npy"
+            np.save(tmp, array)
+            tmp.replace(where / name)
+            break
+        except OSError:
+            continue  # read-only data: try the next place, or decode again next time
+    return array
+
+
+def read_split(cfg: DataConfig, split: str, cache_dir: Path | None = None) -> ArraySplit:
+    """The `split` ("train" or "val") of `cfg.layout` under `cfg.root`."""
+    if cfg.layout == "tinyimagenet":
+        return read_tinyimagenet(cfg.root, split, cache_dir)
+    return read_cifar(cfg.root, cfg.layout, split)
+
+
+def augment(images: torch.Tensor, seeds: torch.Tensor, padding: int, flip: bool) -> torch.Tensor:
+    """The authors' `RandomCrop(side, padding)` + `RandomHorizontalFlip` on a uint8 batch, as
+    batched indexing: slot seed s gives the crop's top `s % k`, left `(s // k) % k` (k = 2·padding
+    + 1 positions each) and a flip when `(s // k²) % 2`; zero padding, as torchvision's."""
+    import torch
+
+    n, _, h, w = images.shape
+    k = 2 * padding + 1
+    seeds = seeds.to(images.device, torch.int64)
+    top, left, mirror = seeds % k, (seeds // k) % k, (seeds // (k * k)) % 2 == 1
+    padded = torch.nn.functional.pad(images, (padding,) * 4)
+    rows = (top[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
+    cols = left[:, None] + torch.arange(w, device=images.device)
+    if flip:
+        cols = torch.where(mirror[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    channel = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    return padded[batch, channel, rows, cols[:, None, None, :]]
+
+
+class MemoryLoader(PlannedLoader):
+    """A rank's loader over an `ArraySplit`: same plan, `len` and `set_epoch` as the others."""
+
+    def __init__(self, data: ArraySplit, cfg: DataConfig, **kwargs):
+        import torch
+
+        names = [f"{data.source}[{i}]" for i in range(len(data.labels))]
+        index = SplitIndex(names, data.labels.tolist(), data.class_names)
+        super().__init__(CheckedSplit(index, np.zeros((0, 2), np.int32)), cfg, **kwargs)
+        images = torch.from_numpy(data.images)
+        on_gpu = self.device.type == "cuda"
+        self.images = images.to(self.device) if on_gpu else images
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor(cfg.mean, device=self.device).view(shape) * 255
+        self.std = torch.tensor(cfg.std, device=self.device).view(shape) * 255
+
+    def __iter__(self):
+        import torch
+
+        plan, start = self._take_start()
+        for ids, labels, seeds in plan.batches(start):
+            batch = self.images[torch.from_numpy(ids)].to(self.device, non_blocking=True)
+            if self.train:
+                batch = augment(batch, torch.from_numpy(seeds.astype(np.int64)),
+                                self.cfg.crop_padding, self.cfg.flip)  # fmt: skip
+            images = (batch.float() - self.mean) / self.std
+            yield images, torch.from_numpy(labels).to(self.device, non_blocking=True)
