@@ -133,6 +133,7 @@ def test_epoch_time_is_the_steps_of_an_epoch_at_the_measured_speed(tmp_path):
         (["--steps", "0"], "--steps"),
         (["--device", "tpu"], "tpu"),
         (["method.sinkhorn=fast"], "method.sinkhorn"),
+        (["--epoch-images", "0"], "--epoch-images"),
         (["--methods", "baseline,cutmix", "method.sinkhorn=authors"], "none of the"),
     ],
 )

@@ -18,6 +18,7 @@ and these sets are decoded once (docs/data.md).
 
 from __future__ import annotations
 
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,7 +166,7 @@ def _cached(folder: Path, cache_dir: Path | None, name: str, make) -> np.ndarray
             continue
         try:
             where.mkdir(parents=True, exist_ok=True)
-            tmp = where / f".{name}.partial.npy"
+            tmp = where / f".{name}.{os.getpid()}.partial.npy"  # ranks may decode at once
             np.save(tmp, array)
             tmp.replace(where / name)
             break

@@ -232,6 +232,10 @@ def run_command(args: argparse.Namespace) -> int:
     from pipeline.tools.benchmark import run_profile
 
     settings = settings_from_args(args)
+    if args.epoch_images is not None and args.epoch_images < 1:
+        from pipeline.errors import PipelineError
+
+        raise PipelineError(f"--epoch-images must be at least 1, got {args.epoch_images}")
     if args.print_config:
         from pipeline.recipe import print_config
         from pipeline.tools.benchmark import recipe_for
