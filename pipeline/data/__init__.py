@@ -41,12 +41,19 @@ class Loaders:
     indexes: list[IndexedSplit] = field(default_factory=list)  # where each split's index is
 
 
-def _limit(split: CheckedSplit, limit: int | None) -> CheckedSplit:
-    """At most `limit` samples, evenly spaced over the (class-sorted) list, so all classes stay."""
-    n = len(split.index)
+def _evenly_spaced(n: int, limit: int | None) -> list[int] | None:
+    """At most `limit` of `n` positions, evenly spaced so that a class-sorted list keeps all its
+    classes; None when all `n` stay (`data.max_val_samples`)."""
     if limit is None or limit >= n:
+        return None
+    return [i * n // limit for i in range(limit)]
+
+
+def _limit(split: CheckedSplit, limit: int | None) -> CheckedSplit:
+    """At most `limit` samples of a checked split (`_evenly_spaced`)."""
+    keep = _evenly_spaced(len(split.index), limit)
+    if keep is None:
         return split
-    keep = [i * n // limit for i in range(limit)]
     return CheckedSplit(split.index.subset(keep), split.sizes[keep], split.problems)
 
 
@@ -121,9 +128,8 @@ def _memory_loaders(data_cfg, rank, world_size, device, seed, class_names, cache
     val = read_split(data_cfg, "val", cache)
     names = list(class_names) if class_names is not None else val.class_names
     val_batch = data_cfg.val_batch_size or data_cfg.batch_size
-    if data_cfg.max_val_samples is not None and data_cfg.max_val_samples < len(val.labels):
-        n, limit = len(val.labels), data_cfg.max_val_samples
-        keep = [i * n // limit for i in range(limit)]
+    keep = _evenly_spaced(len(val.labels), data_cfg.max_val_samples)
+    if keep is not None:
         val = type(val)(val.images[keep], val.labels[keep], val.class_names, val.source)
     return Loaders(
         train=MemoryLoader(train, data_cfg, train=True, batch_size=data_cfg.batch_size, **common)
