@@ -36,9 +36,21 @@ class MethodSettings(Section):
 
 
 class AEConfig(Section):
-    """AlignMixup/AE: `f` (A → e), decoder `D` (e → x̂); see pipeline/models/autoencoder.py."""
+    """The extra layer `f` (A → e) of AlignMixup/AE, of AlignMixup mixing at e or E, and the
+    AE's decoder `D` (e → x̂); see pipeline/models/autoencoder.py and docs/models.md."""
 
+    embedding: Literal["grid", "tensor", "vector"] = Field(
+        "grid",
+        description="f: grid = 1×1 conv on A's grid (ours); tensor = 2×2 conv, stride 2 (the "
+        "paper's E); vector = FC over the flattened A (the paper's e ∈ R^E)",
+    )
     embed_channels: int = Field(1024, ge=8, description="E: channels of e (d = E·h·w)")
+    grid: int | None = Field(
+        None, ge=1, description="embedding: vector: the side of A's grid (input size / stride)"
+    )
+    variational: bool = Field(
+        False, description="AlignMixup/VAE: f gives μ and log σ², e = μ + σ·ε (docs/mixing.md)"
+    )
     decoder_width: int = Field(656, ge=8, description="channels of the decoder's first stage")
     decoder_min_width: int = Field(64, ge=8)
     decoder_blocks: int = Field(2, ge=1, description="residual blocks per decoder stage")

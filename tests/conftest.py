@@ -106,3 +106,26 @@ def subprocess_env() -> dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """The (λ, π) every method draws, recorded from the real `sample_mix` (patched in each
+    method module that imports it), so a test can rebuild the expected mix by hand."""
+    import importlib
+    import pkgutil
+
+    import pipeline.methods
+    from pipeline.mixing import sample_mix
+
+    draws = []
+
+    def recording(*args, **kwargs):
+        draws.append(sample_mix(*args, **kwargs))
+        return draws[-1]
+
+    for info in pkgutil.iter_modules(pipeline.methods.__path__):
+        module = importlib.import_module(f"pipeline.methods.{info.name}")
+        if hasattr(module, "sample_mix"):
+            monkeypatch.setattr(module, "sample_mix", recording)
+    return draws

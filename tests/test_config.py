@@ -30,8 +30,8 @@ def test_wrong_type_names_key_and_value(tmp_path):
 
 
 def test_unknown_method_is_rejected():
-    with pytest.raises(RecipeError, match=r"'method\.name': unknown method 'puzzlemix'"):
-        load_recipe(None, ["method.name=puzzlemix"])
+    with pytest.raises(RecipeError, match=r"'method\.name': unknown method 'stylemix'"):
+        load_recipe(None, ["method.name=stylemix"])
 
 
 def test_override_without_equals_sign():

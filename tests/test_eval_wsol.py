@@ -107,8 +107,6 @@ def test_maxboxacc_v2_by_hand():
 class _FixedFeatures(nn.Module):
     """A 'model' whose feature tensor is given, with a linear classifier (for CAM by hand)."""
 
-    has_decoder = False
-
     def __init__(self, features: torch.Tensor, weight: torch.Tensor) -> None:
         super().__init__()
         self.a = features
@@ -138,8 +136,15 @@ def test_cam_is_the_class_weighted_sum_of_channels_min_max_normalised():
     torch.testing.assert_close(cams[0], torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
 
 
-def test_cam_is_refused_for_autoencoder_models():
-    model = _FixedFeatures(torch.ones(1, 2, 2, 2), torch.eye(2))
-    model.has_decoder = True
-    with pytest.raises(CheckpointError, match="AlignMixup/AE"):
-        class_activation_maps(model, torch.zeros(1, 3, 2, 2))
+@pytest.mark.parametrize("method", ["alignmixup_ae", "alignmixup"])
+def test_cam_is_refused_for_models_that_classify_an_embedding(method):
+    """The AE, and AlignMixup with the extra layer f (level e), classify e = f(A), not A."""
+    from pipeline.config import AEConfig, ModelConfig
+    from pipeline.methods import build_method
+    from pipeline.recipe import load_recipe
+
+    settings = load_recipe(None, [f"method.name={method}", "method.mix_levels=[x,e]"]).method
+    ae = AEConfig(embed_channels=8, decoder_width=8, decoder_min_width=8, decoder_blocks=1)
+    model = build_method(settings).build_model(ModelConfig(name="test_resnet", ae=ae), 2)
+    with pytest.raises(CheckpointError, match="AlignMixup/AE, AlignMixup mixing at e"):
+        class_activation_maps(model.eval(), torch.zeros(1, 3, 64, 64))

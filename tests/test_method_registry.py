@@ -41,6 +41,35 @@ def accelerator():
     return Accelerator(cpu=True, mixed_precision="no")
 
 
+# Ablation switches (the paper's Table 6) that change the model or the code path, as rows of
+# the same table: f alone on AlignMixup (vector e, tensor E), unaligned mixing, the VAE.
+VARIANTS = {
+    "alignmixup-x_A_e": (
+        "alignmixup",
+        "method.mix_levels=[x,A,e]",
+        "model.ae.embedding=vector",
+        "model.ae.grid=4",
+    ),
+    "alignmixup-x_A_E-unaligned": (
+        "alignmixup",
+        "method.mix_levels=[x,A,E]",
+        "method.align=false",
+        "model.ae.embedding=tensor",
+    ),
+    "vae-x_A_e": ("alignmixup_ae", "model.ae.variational=true"),
+    "vae-x_E": (
+        "alignmixup_ae",
+        "model.ae.variational=true",
+        "model.ae.embedding=tensor",
+        "method.mix_levels=[x,E]",
+        "method.clean_prob=0.5",
+    ),
+}
+ROWS = [pytest.param((name,), id=name) for name in method_names()] + [
+    pytest.param(row, id=key) for key, row in VARIANTS.items()
+]
+
+
 def _recipe(name: str, *extra: str):
     return load_recipe(None, [f"method.name={name}", *TINY_MODEL, *extra])
 
@@ -73,9 +102,9 @@ def _run(accelerator, recipe, steps: int = STEPS):
     return model, losses, missing, set(names.values())
 
 
-@pytest.mark.parametrize("name", method_names())
-def test_every_method_trains_a_real_step(name, accelerator, one_torch_thread):
-    recipe = _recipe(name)
+@pytest.mark.parametrize("row", ROWS)
+def test_every_method_trains_a_real_step(row, accelerator, one_torch_thread):
+    recipe = _recipe(*row)
     _, losses, missing, names = _run(accelerator, recipe)
     assert all(np.isfinite(losses)), losses
     assert any(n.startswith("stages.0.") for n in names - missing)  # gradients reach the stem
@@ -86,15 +115,17 @@ def test_every_method_trains_a_real_step(name, accelerator, one_torch_thread):
     assert again == losses
 
 
-@pytest.mark.parametrize("name", method_names())
-def test_every_method_round_trips_through_a_model_file(name, accelerator, tmp_path):
-    recipe = _recipe(name)
+@pytest.mark.parametrize("row", ROWS)
+def test_every_method_round_trips_through_a_model_file(row, accelerator, tmp_path):
+    recipe = _recipe(*row)
     model, _, _, _ = _run(accelerator, recipe, steps=1)
     path = tmp_path / "model.safetensors"
     save_final_model(path, model, recipe, model_facts(model, K, list("abcde")), TrainerState())
     loaded, loaded_recipe, facts = load_model(path)
     assert loaded_recipe == recipe and type(loaded_recipe.method) is type(recipe.method)
-    assert facts["has_decoder"] == build_method(recipe.method).needs_decoder
+    method = build_method(recipe.method)
+    assert facts["has_decoder"] == method.needs_decoder
+    assert facts["has_embedding"] == (method.needs_decoder or method.needs_embedding)
     assert facts["class_names"] == list("abcde")
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
@@ -194,7 +225,7 @@ def test_a_name_is_registered_once(twice_mixed):
         (["method.clean_prob=0.3"], r"unknown key 'method\.clean_prob'"),  # an AE key on baseline
         (["method.name=cutmix", "method.sinkhorn=authors"], r"unknown key 'method\.sinkhorn'"),
         (["method.name=manifold_mixup", "method.manifold_levels=[1]"], "method.manifold_levels"),
-        (["method.name=puzzlemix"], r"'method\.name': unknown method 'puzzlemix'; registered: "),
+        (["method.name=stylemix"], r"'method\.name': unknown method 'stylemix'; registered: "),
         (["method.name=manifold_mixup", "method.levels=[]"], r"'method\.levels'"),
         (
             ["method.name=manifold_mixup", "method.levels=[0,-1]"],

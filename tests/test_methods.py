@@ -4,15 +4,11 @@ classifier never sees a decoded image."""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import pipeline.methods
 from pipeline.config import AEConfig, ModelConfig
 from pipeline.methods import build_method
 from pipeline.mixing import input_mixup, mix
@@ -33,23 +29,6 @@ def _model(autoencoder=False):
     ae = AEConfig(embed_channels=16, decoder_width=16, decoder_min_width=8, decoder_blocks=1)
     cfg = ModelConfig(name="test_resnet", output_stride=8, ae=ae)
     return build_model(cfg, K, autoencoder=autoencoder).eval()  # eval: BN is deterministic
-
-
-@pytest.fixture
-def recorded(monkeypatch):
-    """The (λ, π) each method draws, recorded from the real sample_mix."""
-    draws = []
-    real = pipeline.mixing.sample_mix
-
-    def recording(*args, **kwargs):
-        draws.append(real(*args, **kwargs))
-        return draws[-1]
-
-    for info in pkgutil.iter_modules(pipeline.methods.__path__):
-        module = importlib.import_module(f"pipeline.methods.{info.name}")
-        if hasattr(module, "sample_mix"):
-            monkeypatch.setattr(module, "sample_mix", recording)
-    return draws
 
 
 def _method(name, **settings):

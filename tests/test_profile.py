@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -97,6 +98,8 @@ def test_mlflow_run_holds_the_table(profiled):
         "profile.md",
         "profile.json",
     }
+    text = (Path(client.download_artifacts(run.info.run_id, "profile.md"))).read_text()
+    assert "paper × baseline" in text  # the Table 2 comparison is in the logged table
 
 
 def test_a_method_override_reaches_the_methods_that_have_the_key():
@@ -141,3 +144,22 @@ def test_bad_options_are_named(argv, match):
     args = _args(*TINY, "--no-mlflow", *argv)
     with pytest.raises(PipelineError, match=match):
         args.func(args)
+
+
+def test_table2_sets_each_method_beside_the_papers_figures():
+    """Paper ratios are its msec/batch over the baseline's 418 (worked by hand: PuzzleMix
+    846 / 418 = 2.024, AlignMixup/AE 688 / 418 = 1.646); a method the paper lacks gets dashes."""
+    records = [
+        {"method": m, "params": 25_557_032, "msec_per_batch": ms, "ratio_to_baseline": ms / 100}
+        for m, ms in (("baseline", 100.0), ("puzzlemix", 250.0), ("alignmixup_ae", 160.0))
+    ] + [
+        {"method": "fmix", "params": 25_557_032, "msec_per_batch": 101.0, "ratio_to_baseline": 1.01}
+    ]
+    lines = profile_cmd.format_table2(records).splitlines()
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]
+    }
+    assert rows["puzzlemix"] == ["25.56M", "25M", "250.0", "846", "2.500", "2.024", "21.24"]
+    assert rows["alignmixup_ae"][1:] == ["35M", "160.0", "688", "1.600", "1.646", "18.83"]
+    assert rows["baseline"][-2:] == ["1.000", "23.68"]
+    assert rows["fmix"][1] == rows["fmix"][3] == rows["fmix"][5] == rows["fmix"][6] == "–"

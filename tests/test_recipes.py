@@ -25,9 +25,14 @@ IMAGENET_METHODS = (
     "input_mixup",
     "cutmix",
     "manifold_mixup",
+    "puzzlemix",
+    "saliencymix",
+    "resizemix",
+    "fmix",
     "alignmixup",
     "alignmixup_ae",
 )
+MIXUP_METHODS = ("input_mixup", "manifold_mixup", "alignmixup", "alignmixup_ae")  # α = 2
 CUB_METHODS = ("baseline", "cutmix", "alignmixup")
 IMAGENET = [f"imagenet_{m}" for m in IMAGENET_METHODS]
 CUB = [f"cub_wsol_{m}" for m in CUB_METHODS]
@@ -102,9 +107,14 @@ def test_imagenet_recipes_hold_the_authors_settings(name):
     assert not r.train.cpu
 
 
-@pytest.mark.parametrize("name", [n for n in IMAGENET if "baseline" not in n and "cutmix" not in n])
+@pytest.mark.parametrize("name", [f"imagenet_{m}" for m in MIXUP_METHODS])
 def test_mixup_methods_draw_lambda_from_beta_2_2(name):
     assert recipe(name).method.alpha == 2.0
+
+
+@pytest.mark.parametrize("name", [f"imagenet_{m}" for m in ("puzzlemix", "saliencymix", "fmix")])
+def test_the_rivals_draw_lambda_from_beta_1_1_as_their_authors(name):
+    assert recipe(name).method.alpha == 1.0
 
 
 def test_alignmixup_uses_the_authors_sinkhorn_and_the_ae_its_clean_fifth():
@@ -166,3 +176,13 @@ def test_each_slurm_script_runs_its_recipe_with_requeue_on_the_time_limit(name):
     assert re.fullmatch(r"B:USR1@\d+", sbatch_option(name, "signal"))
     assert sbatch_option(name, "open-mode") == "append"
     assert re.search(r"^#SBATCH --requeue$", text, flags=re.M)
+
+
+def test_puzzlemix_measures_seams_with_the_data_std_of_its_recipe():
+    """PuzzleMix cannot read `data.std` (a method knows no data section): every published
+    recipe that sets `method.pixel_std` must set it to its own `data.std`."""
+    paths = [p for p in (REPO / "recipes").glob("*/[!_]*.yaml") if "puzzlemix" in p.stem]
+    assert paths
+    for path in paths:
+        r = load_recipe(path)
+        assert list(r.method.pixel_std) == pytest.approx(list(r.data.std)), path

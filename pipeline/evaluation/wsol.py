@@ -42,10 +42,11 @@ CAM_THRESHOLDS = np.arange(0.0, 1.0, 0.01)
 def _check_cam_model(model: nn.Module, features: torch.Tensor) -> nn.Linear:
     """The linear classifier that reads the pooled features (CAM is undefined otherwise)."""
     classifier = getattr(model, "classifier", None)
-    if getattr(model, "has_decoder", False) or not isinstance(classifier, nn.Linear):
+    if hasattr(model, "embed") or not isinstance(classifier, nn.Linear):
         raise CheckpointError(
             "WSOL needs a model whose classifier is a linear layer on the pooled feature tensor; "
-            "AlignMixup/AE models classify the embedding e, so CAM is not defined for them"
+            "models with the extra layer f (AlignMixup/AE, AlignMixup mixing at e or E) classify "
+            "the embedding e, so CAM is not defined for them"
         )
     if classifier.in_features != features.shape[1]:
         raise CheckpointError(

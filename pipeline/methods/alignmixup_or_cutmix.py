@@ -32,7 +32,7 @@ class AlignMixupOrCutMix(Method):
         shared = settings.model_dump(exclude={"name", "cutmix_alpha", "cutmix_prob"})
         cutmix = CutMixSettings(name=CutMix.name, alpha=settings.cutmix_alpha, draws=settings.draws)
         self.cutmix = CutMix(cutmix, label_smoothing, rank)
-        aligned = AlignSettings(name=AlignMixup.name, **shared)
+        aligned = AlignMixup.Settings(name=AlignMixup.name, **shared)
         self.alignmixup = AlignMixup(aligned, label_smoothing, rank)
         self.cutmix.timer = self.alignmixup.timer = self.timer
 

@@ -100,6 +100,7 @@ class Method:
     name: ClassVar[str] = ""  # set by @register_method
     Settings: ClassVar[type[MethodSettings]] = MethodSettings
     needs_decoder: ClassVar[bool] = False  # the model gets `f` and the decoder (AlignMixup/AE)
+    needs_embedding: ClassVar[bool] = False  # the model gets `f` alone (may depend on settings)
     # Parameter-name prefixes that may get no gradient in a step; non-empty switches DDP's
     # find_unused_parameters on (which costs a graph traversal per step).
     unused_parameters: ClassVar[tuple[str, ...]] = ()
@@ -129,7 +130,9 @@ class Method:
 
     def build_model(self, cfg: ModelConfig, num_classes: int) -> MixNet:
         """The model this method trains: `cfg`'s backbone, with what the method needs."""
-        model = build_model(cfg, num_classes, autoencoder=self.needs_decoder)
+        model = build_model(
+            cfg, num_classes, autoencoder=self.needs_decoder, embedding=self.needs_embedding
+        )
         self.check_model(model)
         return model
 

@@ -1,6 +1,6 @@
 """Mixing operators: plain functions on tensors, no module state (see docs/mixing.md)."""
 
-from pipeline.mixing.align import align, align_features, align_mix
+from pipeline.mixing.align import align, align_features, align_mix, mix_aligned
 from pipeline.mixing.basic import (
     MixSample,
     cutmix,
@@ -8,6 +8,7 @@ from pipeline.mixing.basic import (
     input_mixup,
     mix,
     mixed_cross_entropy,
+    per_sample_mixed_cross_entropy,
     sample_mix,
 )
 from pipeline.mixing.sinkhorn import SinkhornResult, sinkhorn, squared_cost
@@ -22,7 +23,9 @@ __all__ = [
     "cutmix_box",
     "input_mixup",
     "mix",
+    "mix_aligned",
     "mixed_cross_entropy",
+    "per_sample_mixed_cross_entropy",
     "sample_mix",
     "sinkhorn",
     "squared_cost",

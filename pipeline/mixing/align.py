@@ -16,7 +16,7 @@ from torch import Tensor
 from pipeline.mixing.basic import check_lam
 from pipeline.mixing.sinkhorn import sinkhorn, squared_cost
 
-__all__ = ["align", "align_features", "align_mix"]
+__all__ = ["align", "align_features", "align_mix", "mix_aligned"]
 
 Mode = Literal["authors", "converged"]
 
@@ -117,8 +117,18 @@ def align_mix(
     """
     _check_pair(a, a_partner)
     _check_direction(direction)
-    lam = check_lam(lam)
     assignment = align(a, a_partner, mode, eps, max_iter, tol, host_checks)
+    return mix_aligned(a, a_partner, assignment, lam, direction)
+
+
+def mix_aligned(
+    a: Tensor, a_partner: Tensor, assignment: Tensor, lam: float, direction: int
+) -> Tensor:
+    """`align_mix` with a given assignment `R` (from `align`), so one plan can mix several
+    tensors on the same grid (the VAE's μ and σ)."""
+    _check_pair(a, a_partner)
+    _check_direction(direction)
+    lam = check_lam(lam)
     aligned = _aligned(a, a_partner, assignment, direction)
     # Mixed in place into the fresh aligned tensor: one (B, c, h, w) buffer, not three.
     if direction == 0:

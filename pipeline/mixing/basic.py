@@ -19,6 +19,7 @@ __all__ = [
     "input_mixup",
     "mix",
     "mixed_cross_entropy",
+    "per_sample_mixed_cross_entropy",
     "sample_mix",
 ]
 
@@ -150,3 +151,19 @@ def mixed_cross_entropy(
     loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
     loss_partner = F.cross_entropy(logits, y[perm], label_smoothing=label_smoothing)
     return loss * lam + loss_partner * (1.0 - lam)
+
+
+def per_sample_mixed_cross_entropy(
+    logits: Tensor, y: Tensor, perm: Tensor, lam: Tensor, label_smoothing: float = 0.0
+) -> Tensor:
+    """mean_b [λ_b·CE(logits_b, y_b) + (1 − λ_b)·CE(logits_b, y_π(b))] for a (B,) λ."""
+    _check_perm(perm, y.shape[0])
+    if logits.dim() != 2 or logits.shape[0] != y.shape[0] or lam.shape != y.shape:
+        raise ValueError(
+            f"expects logits (B, classes), labels (B,) and lam (B,), got {tuple(logits.shape)}, "
+            f"{tuple(y.shape)} and {tuple(lam.shape)}"
+        )
+    ce = F.cross_entropy(logits, y, reduction="none", label_smoothing=label_smoothing)
+    ce_partner = F.cross_entropy(logits, y[perm], reduction="none", label_smoothing=label_smoothing)
+    lam = lam.to(ce.dtype)
+    return (lam * ce + (1 - lam) * ce_partner).mean()

@@ -40,6 +40,7 @@ def model_facts(model: torch.nn.Module, num_classes: int, class_names: list[str]
         "num_classes": num_classes,
         "class_names": list(class_names),
         "has_decoder": bool(getattr(model, "has_decoder", False)),
+        "has_embedding": hasattr(model, "embed"),  # f: AlignMixup/AE, or AlignMixup at e/E
     }
 
 
@@ -155,7 +156,12 @@ def load_model(
     weights, recipe, facts = read_weights(path, which)
     # The weights come from the file: no pretrained weights to fetch first.
     architecture = recipe.model.model_copy(update={"timm_pretrained": False})
-    model = build_model(architecture, int(facts["num_classes"]), autoencoder=facts["has_decoder"])
+    model = build_model(
+        architecture,
+        int(facts["num_classes"]),
+        autoencoder=facts["has_decoder"],
+        embedding=facts.get("has_embedding", facts["has_decoder"]),  # files from before f alone
+    )
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(

@@ -187,6 +187,42 @@ def format_table(records: list[dict]) -> str:
     return format_table(headers, rows)
 
 
+def format_table2(records: list[dict]) -> str:
+    """The paper's Table 2 beside this run: each method's cost as a ratio to the baseline,
+    here and on the authors' RTX 2080 Ti (absolute times of different machines do not compare;
+    ratios measured in one run do)."""
+    from pipeline.runs.table import cell, format_table
+    from pipeline.tools.reference import TABLE2
+
+    base = TABLE2["baseline"][1]
+    headers = [
+        "method",
+        "params",
+        "paper params",
+        "msec/batch",
+        "paper msec/batch",
+        "× baseline",
+        "paper × baseline",
+        "paper top-1 err (%)",
+    ]
+    rows = []
+    for r in records:
+        paper = TABLE2.get(r["method"])
+        rows.append(
+            [
+                r["method"],
+                f"{r['params'] / 1e6:.2f}M",
+                f"{paper[0]}M" if paper else "–",
+                cell(r["msec_per_batch"], ".1f"),
+                str(paper[1]) if paper else "–",
+                cell(r["ratio_to_baseline"], ".3f"),
+                f"{paper[1] / base:.3f}" if paper else "–",
+                f"{paper[2]:.2f}" if paper else "–",
+            ]
+        )
+    return format_table(headers, rows)
+
+
 def describe(settings) -> str:
     """One line naming what was measured."""
     return (
@@ -247,6 +283,10 @@ def run_command(args: argparse.Namespace) -> int:
         for r in records:
             r["epoch_images"], r["epoch_s"] = args.epoch_images, r["msec_per_batch"] * steps / 1e3
     table = format_table(records)
+    table += (
+        "\nThe paper's Table 2 (ImageNet ResNet-50, one RTX 2080 Ti) beside this run:\n\n"
+        + format_table2(records)
+    )
     print(f"\n{describe(settings)}\n\n{table}", end="")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""The authors' published per-epoch curves (reference_curves/, MIT) as a yardstick for runs.
+"""The authors' published figures as a yardstick: their per-epoch curves (reference_curves/, MIT)
+and the paper's ImageNet Table 2 (parameters, msec/batch on an RTX 2080 Ti, top-1 error).
 
 A run of the same dataset (`data.layout`) and model as one of the authors' logs gets their
 curve drawn under its own in `val_curves.png`, and two table columns: the authors' top-1 error
@@ -14,6 +15,20 @@ from typing import Any
 
 FOLDER = Path(__file__).resolve().parent / "reference_curves"
 Curve = list[tuple[int, float]]
+
+# The paper's Table 2 (ImageNet, ResNet-50, 300 epochs): method → (parameters in millions,
+# msec/batch on one RTX 2080 Ti, top-1 error %). Methods of the registry only; Co-Mixup, StyleMix
+# and StyleCutMix are not built here.
+TABLE2 = {
+    "baseline": (25, 418, 23.68),
+    "input_mixup": (25, 436, 22.58),
+    "cutmix": (25, 427, 21.40),
+    "manifold_mixup": (25, 441, 22.50),
+    "puzzlemix": (25, 846, 21.24),
+    "saliencymix": (25, 462, 21.26),
+    "alignmixup": (25, 450, 20.68),
+    "alignmixup_ae": (35, 688, 18.83),
+}
 
 
 def reference_name(layout: str, model: str) -> str:
