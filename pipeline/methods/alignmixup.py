@@ -133,12 +133,9 @@ class Aligner:
         gen = torch.Generator(like.device).manual_seed(int(seed))
         return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype)
 
-    def sample_embedding(
-        self, mu: Tensor, log_var: Tensor, choices: torch.Generator
-    ) -> tuple[Tensor, Tensor]:
-        """The reparameterisation `e = μ + σ·ε`; → (e, σ)."""
-        sigma = torch.exp(0.5 * log_var)
-        return mu + sigma * self.gaussian(mu, choices), sigma
+    def reparameterise(self, mu: Tensor, sigma: Tensor, choices: torch.Generator) -> Tensor:
+        """The VAE's sample `e = μ + σ·ε`."""
+        return mu + sigma * self.gaussian(mu, choices)
 
     def mixed_logits(
         self, model: MixNet, images: Tensor, s: MixSample, level: str, choices: torch.Generator
@@ -158,7 +155,7 @@ class Aligner:
             sigma = torch.exp(0.5 * log_var)
             if level in ("e", "E"):
                 mu, sigma = self.mix_moments(mu, sigma, s, level, choices)
-            return model.classify(mu + sigma * self.gaussian(mu, choices))
+            return model.classify(self.reparameterise(mu, sigma, choices))
         e = model.embed(a)
         if level == "e":
             with self.timer.section("mix", images.device):

@@ -79,7 +79,7 @@ class AlignMixupAE(Aligner, Method):
         stats = {"clean": torch.tensor(1.0)}
         if getattr(model, "variational", False):
             mu, log_var = model.moments(a)
-            e, _ = self.sample_embedding(mu, log_var, choices)
+            e = self.reparameterise(mu, torch.exp(0.5 * log_var), choices)
             kl = gaussian_kl(mu.float(), log_var.float())
             stats["kl"] = kl.detach()
         else:
