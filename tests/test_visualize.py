@@ -92,9 +92,10 @@ def test_cli_writes_grid_png_and_logs_it(setup, tmp_path, capsys):
     argv = ["visualize", "--checkpoint", str(setup["ckpt"]), "--images", *images]
     assert main([*argv, "--output", str(out)]) == 0
     # 8 columns (row labels, A, five λ, A′) × 200 px; a 100 px header, 3 rows × 200 px and a
-    # 60 px footer with the mean |aligned − unaligned| per λ, which stdout has too.
+    # 80 px footer with the mean |aligned − unaligned| per λ and the PSNR of λ = 1 against A,
+    # which stdout has too.
     with Image.open(out) as png:
-        assert png.format == "PNG" and png.size == (1600, 760)
+        assert png.format == "PNG" and png.size == (1600, 780)
     printed = capsys.readouterr().out
     assert setup["run_id"] in printed and "aligned, eq. 11" in printed
     client = MlflowClient(tracking_uri=setup["uri"])
@@ -176,3 +177,60 @@ def test_unreadable_image_is_named(setup, tmp_path):
     bad.write_text("not an image")
     with pytest.raises(DataError, match=r"notes\.jpg"):
         visualize_cmd.visualize(setup["ckpt"], setup["images"][0], bad, tmp_path / "x.png")
+
+
+def test_psnr_against_hand_worked_values():
+    from pipeline.tools.interpolation import psnr
+
+    reference = torch.zeros(3, 4, 4)
+    assert psnr(reference + 0.1, reference) == pytest.approx(20.0)  # MSE 0.01
+    half = reference.clone()
+    half[:, :2] = 1.0  # half the pixels off by 1: MSE 0.5, 10·log10(2)
+    assert psnr(half, reference) == pytest.approx(3.0103, abs=1e-4)
+    assert psnr(reference, reference) == float("inf")
+
+
+def test_fitting_the_decoder_touches_nothing_else_and_reconstructs_better(setup):
+    """Only the decoder's weights and statistics move; L_r on the fitting images falls."""
+    from pipeline.tools.interpolation import fit_decoder
+
+    model, _, _ = load_model(setup["ckpt"])
+    g = torch.Generator().manual_seed(3)
+    # smooth images (a blurred noise field): something a decoder can learn in a few steps
+    images = torch.nn.functional.avg_pool2d(torch.randn(24, 3, SIZE, SIZE, generator=g), 9, 1, 4)
+    images = images / images.std()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def l_r() -> float:
+        with torch.no_grad():
+            return float(((model.decode(model.embed(model.features(images))) - images) ** 2).mean())
+
+    start = l_r()
+    first, last = fit_decoder(model, images, steps=30, batch_size=8, lr=3e-3)
+    assert not model.training and last < first
+    assert l_r() < 0.7 * start
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("decoder.") for k in changed)
+    assert any(k.endswith("running_mean") for k in changed)  # its BN learnt the new statistics
+    assert all(p.requires_grad for p in model.parameters())  # as loaded: nothing left frozen
+
+
+def test_cli_fits_the_decoder_and_prints_the_psnr(setup, tmp_path, capsys):
+    folder = tmp_path / "clean" / "class_a"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(5):
+        pixels = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image, skipped")
+    images = [str(p) for p in setup["images"]]
+    argv = ["visualize", "--checkpoint", str(setup["ckpt"]), "--images", *images, "--no-mlflow"]
+    argv += ["--output", str(tmp_path / "g.png"), "--fit-decoder-steps", "3"]
+    assert main([*argv, "--fit-images", str(tmp_path / "clean"), "--fit-max-images", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "in 3 steps" in printed and "fitted alone for 3 steps on 4 clean images" in printed
+    assert "λ = 1 decodes A: PSNR" in printed and " dB against A" in printed
+    (tmp_path / "empty").mkdir()
+    assert main([*argv, "--fit-images", str(tmp_path / "empty")]) == 2  # a named error
+    assert f"no images under {tmp_path / 'empty'}" in capsys.readouterr().err

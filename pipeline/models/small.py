@@ -26,8 +26,14 @@ _TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
 class PreActBlock(nn.Module):
-    """He et al.'s pre-activation basic block: BN-ReLU-conv twice, the shortcut taken after the
-    first BN-ReLU when it must change shape (a 1×1 conv, no BN), as the authors'."""
+    """He et al.'s pre-activation basic block as the authors wrote it: BN-ReLU-conv twice, and
+    the shortcut always taken *after* the first BN-ReLU: a 1×1 conv (no BN) when the shape
+    changes, else `relu(bn1(x))` itself, not the raw `x` of He et al.'s identity mapping.
+
+    Their `shortcut` is an empty `nn.Sequential()` applied to `out = relu(bn1(x))`, so every
+    block that keeps its shape adds the activated input. Architecture version 2 of
+    `preactresnet18` (`ARCHITECTURE_VERSIONS`); version 1 added `x` there.
+    """
 
     def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
         super().__init__()
@@ -43,7 +49,7 @@ class PreActBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = torch.relu(self.bn1(x))
-        skip = x if self.shortcut is None else self.shortcut(out)
+        skip = out if self.shortcut is None else self.shortcut(out)
         out = self.conv2(torch.relu(self.bn2(self.conv1(out))))
         return out + skip
 

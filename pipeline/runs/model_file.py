@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import CheckpointError
+from pipeline.models.versions import architecture_version, check_architecture
 from pipeline.recipe import Recipe, load_recipe
 from pipeline.runs.checkpoints import (
     RECIPE_FILE,
@@ -37,6 +38,7 @@ _HEADER_KEY = "alignmixup_pipeline"  # the safetensors metadata entry holding th
 def model_facts(model: torch.nn.Module, num_classes: int, class_names: list[str]) -> dict:
     """What a checkpoint or model file records about the model beside its weights."""
     return {
+        "architecture_version": architecture_version(model.timm_name),
         "num_classes": num_classes,
         "class_names": list(class_names),
         "has_decoder": bool(getattr(model, "has_decoder", False)),
@@ -122,7 +124,8 @@ def read_weights(
     is "raw" (the trained weights) or "ema" (their EMA, when the run kept one).
 
     `facts` holds `num_classes`, `class_names`, `has_decoder`, `mlflow_run_id` (also when the
-    run reached MLflow only after the file was written) and `step`.
+    run reached MLflow only after the file was written) and `step`. Weights saved for another
+    version of the architecture (`pipeline.models.versions`) are refused.
     """
     if which not in ("raw", "ema"):
         raise CheckpointError(f"--weights must be raw or ema, got {which!r}")
@@ -136,13 +139,16 @@ def read_weights(
         weights, header = _read_model_file(p)
         recipe = Recipe.model_validate(header.pop("recipe"))
         header["mlflow_run_id"] = header.get("mlflow_run_id") or recorded_run_id(p.parent)
+        check_architecture(recipe.model.name, header.get("architecture_version"), p)
         return _pick(weights, which, p), recipe, header
     if p.is_dir() and (p / STATE_FILE).is_file():
         state = read_state(p)
         run_id = state.mlflow_run_id or recorded_run_id(p.parent.parent)
         facts = {**read_meta(p), "mlflow_run_id": run_id, "step": state.step}
+        recipe = load_recipe(p / RECIPE_FILE)
+        check_architecture(recipe.model.name, facts.get("architecture_version"), p)
         weights = {**checkpoint_weights(p), **_checkpoint_ema(p)}
-        return _pick(weights, which, p), load_recipe(p / RECIPE_FILE), facts
+        return _pick(weights, which, p), recipe, facts
     raise CheckpointError(f"{p}: no {FINAL_MODEL} and no checkpoint ({STATE_FILE}) there")
 
 

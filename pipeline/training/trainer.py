@@ -17,11 +17,13 @@ from pipeline.errors import CheckpointError, PipelineError, RecipeError, Trainin
 from pipeline.evaluation.metrics import TopKErrors
 from pipeline.methods import build_method, method_class
 from pipeline.models import MixNet, count_parameters
+from pipeline.models.versions import check_architecture
 from pipeline.recipe import Recipe
 from pipeline.runs.checkpoints import (
     RECIPE_FILE,
     TrainerState,
     latest_checkpoint,
+    read_meta,
     read_state,
     save_checkpoint,
 )
@@ -121,6 +123,8 @@ class Trainer:
             if folder is None:
                 raise CheckpointError(f"train.resume: no checkpoint in or at {target}")
         check_resumable(self.recipe, folder / RECIPE_FILE)
+        saved = read_meta(folder).get("architecture_version")
+        check_architecture(self.recipe.model.name, saved, folder)
         self.accelerator.load_state(str(folder))
         self.state = read_state(folder)
         self._print(f"resumed from {folder} (epoch {self.state.epoch}, step {self.state.step})")
