@@ -221,7 +221,7 @@ def visualize(
     if fit_steps > 0:
         folder = Path(fit_images) if fit_images else Path(cfg.root) / "train"
         clean = clean_images(folder, cfg, fit_max_images)
-        first, last = fit_decoder(model, clean, fit_steps, progress=True)
+        first, last = fit_decoder(model, clean, fit_steps, batch_size=16, progress=True)
         fitted = f"; decoder fitted alone for {fit_steps} steps on {len(clean):,} clean images"
         print(f"decoder fitted alone: L_r {first:.4f} → {last:.4f} in {fit_steps} steps")
     decoded = decoded_interpolations(model, x_a, x_b, recipe.method.solver())
