@@ -167,6 +167,12 @@ class TrainConfig(Section):
     log_every: int = Field(50, ge=1)
     eval_every: int = Field(1, ge=1, description="epochs between validations")
     checkpoint_every: int = Field(1000, ge=1, description="steps between checkpoints")
+    checkpoint_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="None: a checkpoint at every epoch's end; else at an epoch's end only once "
+        "this many minutes have passed since the last (short epochs: CIFAR, Tiny-ImageNet)",
+    )
     keep_checkpoints: int = Field(3, ge=1)
     resume: Literal["auto", "never"] | str = "auto"
     preempt_check_every: int = Field(20, ge=1, description="steps between preemption checks")

@@ -54,6 +54,41 @@ def test_topk_errors_by_hand():
     assert errors[5] == pytest.approx(100 / 3)
 
 
+@pytest.mark.parametrize("classes", [3, 10, 100])
+def test_topk_errors_over_batches_match_torchmetrics(classes):
+    """Accumulated over uneven batches with padding, against torchmetrics' accuracy on the
+    whole set at once (k = 5 on 3 classes is top-3)."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from pipeline.evaluation.metrics import TopKErrors
+
+    g = torch.Generator().manual_seed(classes)
+    logits = torch.randn(70, classes, generator=g)
+    labels = torch.randint(0, classes, (70,), generator=g)
+    labels[-9:] = -1  # the val loader's padding
+    errors = TopKErrors(classes, (1, 5))
+    for part in (slice(0, 7), slice(7, 40), slice(40, 70)):
+        errors.update(logits[part], labels[part])
+    got = errors.compute()
+    for k in (1, 5):
+        reference = MulticlassAccuracy(classes, top_k=min(k, classes), average="micro",
+                                       ignore_index=-1)(logits, labels)  # fmt: skip
+        assert got[k] == pytest.approx(100 * (1 - float(reference)), abs=1e-4)
+
+
+def test_topk_errors_never_read_the_device_per_batch():
+    """On "meta" tensors (no values) any op that needs them (item, nonzero, unique, boolean
+    indexing: each a host-device sync on a GPU) raises; `update` has none."""
+    from pipeline.evaluation.metrics import TopKErrors
+
+    errors = TopKErrors(100, (1, 5), torch.device("meta"))
+    for _ in range(3):
+        errors.update(
+            torch.empty(16, 100, device="meta"), torch.empty(16, dtype=torch.int64, device="meta")
+        )
+    assert errors.hits.device.type == "meta"
+
+
 def test_detection_accuracy_by_hand():
     scores_id = torch.tensor([0.9, 0.6, 0.4])
     scores_ood = torch.tensor([0.3, 0.55, 0.2, 0.1])

@@ -207,6 +207,92 @@ def test_authors_mode_on_cuda_never_syncs_the_host():
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.parametrize("mode", ["authors", "converged"])
+@pytest.mark.parametrize("shape", [(128, 49, 49), (64, 16, 16), (32, 64, 64), (8, 7, 12)], ids=str)
+def test_fused_solver_on_cuda_matches_the_eager_loop(mode, shape):
+    """The compiled Triton kernels (the interpreter's run is in test_sinkhorn_triton.py)."""
+    from pipeline.mixing import sinkhorn, squared_cost
+
+    g = torch.Generator().manual_seed(1)
+    batch, r, s = shape
+    a = torch.relu(torch.randn(batch, r, 512, generator=g)).to(CUDA)
+    b = torch.relu(torch.randn(batch, s, 512, generator=g)).to(CUDA)
+    cost = squared_cost(a, b)
+    eager = sinkhorn(cost, mode=mode, backend="eager", host_checks=False)
+    fused = sinkhorn(cost, mode=mode, backend="triton")
+    assert int(fused.iterations) == int(eager.iterations)
+    scale = eager.plan.abs().max()
+    torch.testing.assert_close(fused.plan, eager.plan, rtol=1e-5, atol=1e-5 * scale)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sinkhorn(cost, mode=mode, backend="triton")  # no host sync in either mode
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def _no_sync_steps(loader, method_name: str, steps: int = 3) -> None:
+    """`steps` batches of `loader` through an aligned bf16 train step, and a validation update,
+    with torch's sync debug mode set to raise at any host-device sync (after a warm-up step)."""
+    from pipeline.evaluation.metrics import TopKErrors
+    from pipeline.methods import build_method
+    from pipeline.recipe import load_recipe
+    from pipeline.training.optim import build_optimizer
+    from pipeline.training.step import MethodRunner, step_generator, train_step
+
+    recipe = load_recipe(None, [f"method.name={method_name}", "method.mix_levels=[A]",
+                                *SMALL_MODEL])  # fmt: skip
+    method = build_method(recipe.method)
+    model = method.build_model(recipe.model, 10).to(CUDA)
+    accelerator = _accelerator("bf16")
+    runner, optimizer = accelerator.prepare(
+        MethodRunner(model, method), build_optimizer(recipe.optim, model, lr=1e-3)
+    )
+    batches = iter(loader)
+    x, y = next(batches)
+    train_step(accelerator, runner, optimizer, x, y, step_generator(0, 0))  # warm-up
+    errors = TopKErrors(10, (1, 5), CUDA)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for s, (x, y) in zip(range(1, steps + 1), batches, strict=False):
+            train_step(accelerator, runner, optimizer, x, y, step_generator(0, s))
+            errors.update(model(x).float(), y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_in_memory_loader_step_and_validation_never_sync():
+    import numpy as np
+
+    from pipeline.config import DataConfig
+    from pipeline.data.memory import ArraySplit, MemoryLoader
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (256, 3, 32, 32), dtype=np.uint8)
+    labels = rng.integers(0, 10, 256).astype(np.int64)
+    split = ArraySplit(images, labels, list("abcdefghij"), "synthetic")
+    cfg = DataConfig(layout="cifar10", batch_size=32, train_size=32, val_resize=32, val_crop=32)
+    loader = MemoryLoader(split, cfg, train=True, batch_size=32, rank=0, world_size=1, seed=0,
+                          device=CUDA)  # fmt: skip
+    _no_sync_steps(loader, "alignmixup")
+
+
+def test_dali_mixed_loader_step_and_validation_never_sync(tmp_path):
+    from pipeline.config import DataConfig
+    from pipeline.data import build_loaders
+
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for i in range(64):
+            folder = root / split / f"c{i % 10}"
+            folder.mkdir(parents=True, exist_ok=True)
+            synthetic_photo(i, (48, 48)).save(folder / f"{i}.jpg", quality=90)
+    cfg = DataConfig(backend="dali", root=str(root), batch_size=16, num_threads=2, train_size=32,
+                     val_resize=32, val_crop=32)  # fmt: skip
+    _no_sync_steps(build_loaders(cfg, 0, 1, CUDA, seed=0).train, "alignmixup")
+
+
 # --- evaluation on CUDA ----------------------------------------------------------------------
 
 

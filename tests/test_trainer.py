@@ -396,3 +396,26 @@ def test_two_process_gloo_ddp_ends_with_identical_parameters(
     for key in ("classifier.weight", "decoder.net.0.0.weight", "stages.0.0.0.0.weight"):
         assert not torch.equal(rank0[key], initial[key]), key
     assert (tmp_path / "run" / FINAL_MODEL).is_file()
+
+
+@pytest.mark.parametrize(("minutes", "steps"), [(None, [23, 46]), (1000.0, [46])])
+def test_checkpoint_minutes_replaces_the_checkpoint_at_each_epochs_end(
+    tiny_overrides, minutes, steps
+):
+    """Two epochs of 23 steps: a checkpoint at the first epoch's end by default; with
+    train.checkpoint_minutes not yet elapsed, only the one at the end of the run."""
+    recipe = load_recipe(
+        None,
+        tiny_overrides(
+            "train.epochs=2",
+            "data.batch_size=64",
+            "optim.reference_batch=64",
+            "train.checkpoint_every=1000",
+            "train.keep_checkpoints=5",
+            "tracking.enabled=false",
+            f"train.checkpoint_minutes={'null' if minutes is None else minutes}",
+        ),
+    )
+    Trainer(recipe).fit()
+    found = [read_state(p).step for p in list_checkpoints(recipe.train.output_dir)]
+    assert found == steps

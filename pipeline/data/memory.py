@@ -6,13 +6,15 @@
 folder or the one holding it. Nothing is downloaded. Validation is CIFAR's test set and
 Tiny-ImageNet's val set, as the authors report.
 
-A whole split is one uint8 NCHW tensor (on the GPU when training there: 150 MB for CIFAR, 1.2 GB
-for Tiny-ImageNet). Each batch is gathered by index and augmented as batched tensor operations
-on the device, the authors' `RandomCrop(side, padding=4)` and `RandomHorizontalFlip`, then
-normalised; no per-sample Python runs in the training loop. Which sample each rank reads, and
-its crop offset and flip, come from the same per-slot plan as the file loaders
-(`sharding.train_plan`): a function of (seed, epoch, slot), so a resume is exact and a sample's
-augmentation does not depend on the number of ranks. DALI is not used: it would decode files,
+A whole split is one uint8 NCHW tensor on the training device (on a GPU: 150 MB for CIFAR,
+1.2 GB for Tiny-ImageNet). An epoch's indices, labels and augmentation seeds go to the device
+once, at its start; each batch is then sliced, gathered by index and augmented as batched
+tensor operations on the device, with no host-to-device copy or sync per step: the authors'
+`RandomCrop(side, padding=4)` and `RandomHorizontalFlip`, then normalised; no per-sample
+Python runs in the training loop. Which sample each rank reads, and its crop offset and flip,
+come from the same per-slot plan as the file loaders (`sharding.train_plan`): a function of
+(seed, epoch, slot), so a resume is exact and a sample's augmentation does not depend on the
+number of ranks. DALI is not used: it would decode files,
 and these sets are decoded once (docs/data.md).
 """
 
@@ -211,21 +213,36 @@ class MemoryLoader(PlannedLoader):
         names = [f"{data.source}[{i}]" for i in range(len(data.labels))]
         index = SplitIndex(names, data.labels.tolist(), data.class_names)
         super().__init__(CheckedSplit(index, np.zeros((0, 2), np.int32)), cfg, **kwargs)
-        images = torch.from_numpy(data.images)
-        on_gpu = self.device.type == "cuda"
-        self.images = images.to(self.device) if on_gpu else images
+        self.images = torch.from_numpy(data.images).to(self.device)  # once, for the run
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor(cfg.mean, device=self.device).view(shape) * 255
         self.std = torch.tensor(cfg.std, device=self.device).view(shape) * 255
 
-    def __iter__(self):
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """A plan array on the device: from pinned memory without waiting on a GPU (a pageable
+        host-to-device copy would wait for every queued kernel first)."""
         import torch
 
+        host = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cuda":
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host.to(self.device)
+
+    def __iter__(self):
         plan, start = self._take_start()
-        for ids, labels, seeds in plan.batches(start):
-            batch = self.images[torch.from_numpy(ids)].to(self.device, non_blocking=True)
+        b = plan.batch_size
+        if start >= plan.steps:
+            return
+        # The rest of the epoch's indices, labels and augmentation seeds reach the device in
+        # one copy each, here; every step then only slices them on the device: no host-to-device
+        # copy, and no sync, per step.
+        rest = slice(start * b, plan.steps * b)
+        ids = self._to_device(plan.file_ids[rest].astype(np.int64))
+        labels = self._to_device(plan.labels[rest].astype(np.int64))
+        seeds = self._to_device(plan.seeds[rest].astype(np.int64)) if self.train else None
+        for i in range(plan.steps - start):
+            step = slice(i * b, (i + 1) * b)
+            batch = self.images[ids[step]]
             if self.train:
-                batch = augment(batch, torch.from_numpy(seeds.astype(np.int64)),
-                                self.cfg.crop_padding, self.cfg.flip)  # fmt: skip
-            images = (batch.float() - self.mean) / self.std
-            yield images, torch.from_numpy(labels).to(self.device, non_blocking=True)
+                batch = augment(batch, seeds[step], self.cfg.crop_padding, self.cfg.flip)
+            yield (batch.float() - self.mean) / self.std, labels[step]

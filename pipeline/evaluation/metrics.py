@@ -1,7 +1,8 @@
 """Classification, calibration and OOD-detection metrics (docs/evaluation.md), all in percent.
 
-Library metrics come from torchmetrics (top-k accuracy, ECE, AuROC, average precision, ROC);
-only the two detection accuracies are written here, because no library defines them: both are
+Library metrics come from torchmetrics (ECE, AuROC, average precision, ROC). Written here: the
+top-k errors accumulated during validation (`TopKErrors`: torchmetrics' accuracy syncs the device
+every batch), and the two detection accuracies, because no library defines them: both are
 the balanced accuracy 0.5·(TPR + TNR) of the rule "in-distribution iff score ≥ t", once at the
 paper's fixed t = 0.5 (Hendrycks & Gimpel baseline, as the AlignMixup paper reports it) and
 once at the best t (the "detection accuracy" of ODIN and later OOD papers).
@@ -35,28 +36,39 @@ def _valid(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 class TopKErrors:
-    """Top-k error (%) accumulated over batches; padded samples (label −1) do not count. Under
-    DDP, torchmetrics sums the counts over ranks at `compute()`. k is capped at the number of
-    classes but keeps its key (k = 5 on a 3-class set is top-3)."""
+    """Top-k error (%) accumulated over batches; padded samples (label −1) do not count. k is
+    capped at the number of classes but keeps its key (k = 5 on a 3-class set is top-3).
+
+    Written here rather than with torchmetrics' MulticlassAccuracy: its `ignore_index` drops
+    the padded samples by boolean indexing, and its argument checks call `torch.unique`, each a
+    host-device sync per batch. Here the counts stay on the device (a few small ops per batch)
+    and `compute()` reads them once, after summing them over the ranks under DDP.
+    """
 
     def __init__(
         self, num_classes: int, ks: tuple[int, ...] = (1, 5), device: torch.device | None = None
     ) -> None:
-        from torchmetrics.classification import MulticlassAccuracy
-
-        self.accuracy = {
-            k: MulticlassAccuracy(
-                num_classes, top_k=min(k, num_classes), average="micro", ignore_index=-1
-            ).to(device or "cpu")
-            for k in ks
-        }
+        self.ks = tuple(ks)
+        self.depth = [min(k, num_classes) for k in ks]  # how many of the top classes count
+        self.hits = torch.zeros(len(ks), dtype=torch.int64, device=device)
+        self.count = torch.zeros(1, dtype=torch.int64, device=device)
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        for metric in self.accuracy.values():
-            metric.update(logits, labels)
+        valid = labels >= 0
+        top = logits.topk(max(self.depth), dim=1).indices  # (B, k_max), best first
+        found = (top == labels[:, None]).cumsum(1) > 0  # [i, j]: label among the j + 1 best
+        self.hits += (found[:, [d - 1 for d in self.depth]] & valid[:, None]).sum(0)
+        self.count += valid.sum()
 
     def compute(self) -> dict[int, float]:
-        return {k: 100.0 * (1.0 - float(m.compute())) for k, m in self.accuracy.items()}
+        totals = torch.cat([self.hits, self.count])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            totals = totals.clone()
+            torch.distributed.all_reduce(totals)
+        *hits, count = totals.tolist()  # the one read from the device
+        if count == 0:
+            return {k: float("nan") for k in self.ks}
+        return {k: 100.0 * (1.0 - h / count) for k, h in zip(self.ks, hits, strict=True)}
 
 
 def topk_errors(

@@ -49,6 +49,11 @@ class AlignSettings(MixSettings):
         description="read the stopping rule on the host; false: no host sync, all max_iter "
         "iterations queued (same plan); None: false for authors on CUDA, else true",
     )
+    sinkhorn_backend: Literal["auto", "eager", "triton"] = Field(
+        "auto",
+        description="auto: the fused Triton solver on CUDA for maps up to 64 positions, else "
+        "the eager loop; eager or triton to force one (tests, benchmarks)",
+    )
     align: bool = Field(
         True,
         description="mix A (and E) aligned (eqs. 11-12); false: unaligned, λA + (1-λ)A' "
@@ -69,6 +74,7 @@ class AlignSettings(MixSettings):
             "max_iter": self.sinkhorn_max_iter,
             "tol": self.sinkhorn_tol,
             "host_checks": self.sinkhorn_host_checks,
+            "backend": self.sinkhorn_backend,
         }
 
 

@@ -19,6 +19,7 @@ from pipeline.mixing.sinkhorn import sinkhorn, squared_cost
 __all__ = ["align", "align_features", "align_mix", "mix_aligned"]
 
 Mode = Literal["authors", "converged"]
+Backend = Literal["auto", "eager", "triton"]
 
 
 def _check_pair(a: Tensor, a_partner: Tensor) -> None:
@@ -54,15 +55,16 @@ def align(
     max_iter: int | None = None,
     tol: float = 1e-3,
     host_checks: bool | None = None,
+    backend: Backend = "auto",
 ) -> Tensor:
     """Assignment matrix R = r·P* (B, r, r) float32; rows index A's positions, columns A''s.
-    `mode`, `eps`, `max_iter`, `tol` (converged mode's marginal tolerance) and `host_checks`
-    (None: no host sync for the authors' mode on CUDA) go to `sinkhorn`."""
+    `mode`, `eps`, `max_iter`, `tol` (converged mode's marginal tolerance), `host_checks`
+    (None: no host sync for the authors' mode on CUDA) and `backend` go to `sinkhorn`."""
     _check_pair(a, a_partner)
     feats = a.detach().flatten(2).transpose(1, 2)  # (B, r, c): row i is a_i
     partner = a_partner.detach().flatten(2).transpose(1, 2)
     cost = squared_cost(feats, partner)
-    plan = sinkhorn(cost, eps, max_iter, mode, tol, host_checks=host_checks).plan
+    plan = sinkhorn(cost, eps, max_iter, mode, tol, host_checks=host_checks, backend=backend).plan
     assignment = plan * plan.shape[1]
     # The authors' plans are full of subnormal entries (exp of −100 and below); they add
     # nothing to the mix but make CPU matmuls several times slower, so they become 0.
@@ -73,7 +75,8 @@ def _aligned(a: Tensor, a_partner: Tensor, assignment: Tensor, direction: int) -
     """Ã = A'Rᵀ (direction 0) or Ã' = AR (direction 1), back in (B, c, h, w), input dtype."""
     source = a_partner if direction == 0 else a
     weights = assignment.transpose(1, 2) if direction == 0 else assignment
-    if not torch.is_autocast_enabled(source.device.type):
+    # ("meta" tensors, for counting ops, have no autocast)
+    if source.device.type == "meta" or not torch.is_autocast_enabled(source.device.type):
         weights = weights.to(source.dtype)  # under autocast, the matmul picks the dtype
     return torch.matmul(source.flatten(2), weights).view_as(source).to(source.dtype)
 
@@ -87,6 +90,7 @@ def align_features(
     max_iter: int | None = None,
     tol: float = 1e-3,
     host_checks: bool | None = None,
+    backend: Backend = "auto",
 ) -> Tensor:
     """Ã = A'Rᵀ (direction 0, A' in A's geometry) or Ã' = AR (direction 1), (B, c, h, w).
 
@@ -94,7 +98,7 @@ def align_features(
     (direction 1) at any λ without solving the transport problem again.
     """
     _check_direction(direction)
-    assignment = align(a, a_partner, mode, eps, max_iter, tol, host_checks)
+    assignment = align(a, a_partner, mode, eps, max_iter, tol, host_checks, backend)
     return _aligned(a, a_partner, assignment, direction)
 
 
@@ -108,16 +112,17 @@ def align_mix(
     max_iter: int | None = None,
     tol: float = 1e-3,
     host_checks: bool | None = None,
+    backend: Backend = "auto",
 ) -> Tensor:
     """AlignMixup: λA + (1−λ)A'Rᵀ (direction 0, eq. 11) or λAR + (1−λ)A' (direction 1, eq. 12).
 
     `a`, `a_partner` are (B, c, h, w) features (A' = A[perm] in training); the output has
-    their shape and dtype. `mode`, `eps`, `max_iter`, `tol`, `host_checks` go to `sinkhorn`
-    (None: its default).
+    their shape and dtype. `mode`, `eps`, `max_iter`, `tol`, `host_checks`, `backend` go to
+    `sinkhorn` (None: its default).
     """
     _check_pair(a, a_partner)
     _check_direction(direction)
-    assignment = align(a, a_partner, mode, eps, max_iter, tol, host_checks)
+    assignment = align(a, a_partner, mode, eps, max_iter, tol, host_checks, backend)
     return mix_aligned(a, a_partner, assignment, lam, direction)
 
 

@@ -3,10 +3,15 @@
 Written by hand: POT and geomloss solve the same problem, but neither reproduces the
 AlignMixup authors' stopping rule bit for bit, batches the small r×r problems of a whole
 training batch on the GPU without a host sync per iteration, and stays out of autograd.
+
+Two backends compute the same plans: this module's eager loop (any device, any size) and the
+fused Triton kernels of `sinkhorn_triton.py` (CUDA, r and s ≤ 64; ≤ 3 launches per solve
+instead of ~37 per iteration). `backend="auto"` takes the fused one wherever it applies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Literal, NamedTuple
@@ -14,9 +19,10 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["MODES", "SinkhornResult", "sinkhorn", "squared_cost"]
+__all__ = ["BACKENDS", "MODES", "SinkhornResult", "sinkhorn", "squared_cost"]
 
 MODES = ("authors", "converged")
+BACKENDS = ("auto", "eager", "triton")
 # The authors' early exit: mean over the batch of the L1 change of the row potential.
 _AUTHORS_THRESHOLD = 0.1
 # Their marginals carry a 1e-8 inside the log; kept so their potentials are reproduced.
@@ -37,6 +43,14 @@ class SinkhornResult(NamedTuple):
     marginal_error: Tensor  # 0-dim float32: max over the batch of |r·row sum − 1|, |s·col sum − 1|
 
 
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast disabled on `device` (a no-op on "meta", which has no autocast), so that
+    costs and plans stay float32 under a bf16/fp16 step."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def squared_cost(a: Tensor, b: Tensor) -> Tensor:
     """Batched ‖a_i − b_j‖² in float32 from matrix products, never a (B, r, s, c) tensor."""
     if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
@@ -44,7 +58,7 @@ def squared_cost(a: Tensor, b: Tensor) -> Tensor:
             f"squared_cost expects a (B, r, c) and b (B, s, c) with equal B and c, "
             f"got {tuple(a.shape)} and {tuple(b.shape)}"
         )
-    with torch.autocast(device_type=a.device.type, enabled=False):
+    with autocast_off(a.device):
         a, b = a.float(), b.float()
         # vector_norm reduces without a (B, r, c) temporary, unlike a.square().sum(-1).
         norms_a = torch.linalg.vector_norm(a, dim=-1).square()
@@ -62,6 +76,7 @@ def sinkhorn(
     tol: float = 1e-3,
     check_every: int = 10,
     host_checks: bool | None = None,
+    backend: Literal["auto", "eager", "triton"] = "auto",
 ) -> SinkhornResult:
     """Entropic OT plan with uniform marginals for a batch of (r, s) costs, in float32.
 
@@ -77,9 +92,11 @@ def sinkhorn(
     is divided by its mean, so `eps` is relative to the typical cost and the plan does not
     depend on the feature magnitude (train-mode ResNet-50 costs ≈ 1,500, eval-mode ≈ 3.4).
     It alternates row and column updates of the log-domain potentials and, every
-    `check_every` iterations (one host sync), stops once every sample satisfies
-    max(|r·row sum − 1|, |s·column sum − 1|) < `tol`. If `max_iter` runs out first, a
-    RuntimeWarning says so and the last plan is returned.
+    `check_every` iterations, stops each sample whose plan satisfies
+    max(|r·row sum − 1|, |s·column sum − 1|) < `tol` (its potentials stay as they are), until
+    every sample has stopped (one host sync per check). `iterations` is the most any sample
+    ran. If `max_iter` runs out first, a RuntimeWarning says so and the last plans are
+    returned.
 
     `max_iter=None` means 100 for "authors" and 1000 for "converged".
 
@@ -91,8 +108,19 @@ def sinkhorn(
     time but change nothing. In converged mode the rule is checked every `check_every`
     iterations, and no warning can say that `max_iter` ran out: `marginal_error` tells.
     `host_checks=None` means False for the authors' mode on CUDA (whose 100 iterations all
-    run on train-mode features anyway) and True otherwise (CPUs gain from stopping early,
-    and converged mode's cap of 1000 is ~10× what it needs).
+    run on train-mode features anyway), for the fused backend and on "meta" tensors, and True
+    otherwise (CPUs gain from stopping early, and converged mode's cap of 1000 is ~10× what
+    it needs).
+
+    `backend`: "eager" is the loop above; "triton" the fused kernels (`sinkhorn_triton`), which
+    stop on the device and never sync, whatever `host_checks` says: `iterations` is then a
+    0-dim tensor and converged mode cannot warn. They need CUDA tensors (or CPU tensors under
+    TRITON_INTERPRET=1) and r, s ≤ 64; larger problems fall back to the eager loop. "auto"
+    (the default) uses them wherever they apply.
+
+    With host checks, a cost holding NaN or ±inf raises ValueError (a sync, so never on the
+    CUDA default path: there a non-finite cost gives a NaN plan, and the trainer stops on the
+    NaN loss it causes, naming the step).
     """
     if mode not in MODES:
         raise ValueError(f"sinkhorn mode must be one of {MODES}, got {mode!r}")
@@ -108,10 +136,38 @@ def sinkhorn(
         )
     if not tol > 0:
         raise ValueError(f"sinkhorn tol must be > 0, got {tol}")
-    if host_checks is None:
-        host_checks = not (mode == "authors" and cost.device.type == "cuda")
-    with torch.no_grad(), torch.autocast(device_type=cost.device.type, enabled=False):
+    if backend not in BACKENDS:
+        raise ValueError(f"sinkhorn backend must be one of {BACKENDS}, got {backend!r}")
+    from pipeline.mixing import sinkhorn_triton
+
+    runs = sinkhorn_triton.runs_on(cost.device)
+    # "auto" never picks the interpreter: CPU tensors go to the eager loop unless told.
+    fused = (
+        runs
+        and sinkhorn_triton.fits(cost)
+        and (backend == "triton" or (backend == "auto" and cost.device.type == "cuda"))
+    )
+    if backend == "triton" and not runs:
+        raise ValueError(
+            "sinkhorn backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run its "
+            f"kernels on the CPU) and Triton; got a cost on {cost.device}"
+        )
+    if host_checks is None:  # never on "meta" tensors, which have no values to read
+        on_gpu = cost.device.type == "cuda"
+        host_checks = cost.device.type != "meta" and not (on_gpu and (fused or mode == "authors"))
+    if host_checks and not bool(torch.isfinite(cost).all()):
+        bad = int((~torch.isfinite(cost)).sum())
+        raise ValueError(
+            f"sinkhorn: the cost has {bad} NaN or infinite entries of {cost.numel()} (the "
+            "features are not finite: a diverged model or a bad input?)"
+        )
+    with torch.no_grad(), autocast_off(cost.device):
         cost = cost.detach().float()
+        if fused:
+            plan, iterations, error = sinkhorn_triton.fused_sinkhorn(
+                cost, eps, max_iter, mode, tol, check_every
+            )
+            return SinkhornResult(plan, iterations, error)
         if mode == "authors":
             plan, iterations = _authors(cost, eps, max_iter, check_every, host_checks)
         else:
@@ -119,11 +175,16 @@ def sinkhorn(
         return SinkhornResult(plan, iterations, _marginal_error(plan))
 
 
+def _sample_errors(plan: Tensor) -> Tensor:
+    """(B,): each sample's largest deviation of r·(row sums) and s·(column sums) from 1."""
+    rows = (plan.sum(-1) * plan.shape[1] - 1).abs().amax(-1)
+    cols = (plan.sum(-2) * plan.shape[2] - 1).abs().amax(-1)
+    return torch.maximum(rows, cols)
+
+
 def _marginal_error(plan: Tensor) -> Tensor:
     """Largest deviation of r·(row sums) and s·(column sums) from 1 over the batch."""
-    rows = (plan.sum(-1) * plan.shape[1] - 1).abs().amax()
-    cols = (plan.sum(-2) * plan.shape[2] - 1).abs().amax()
-    return torch.maximum(rows, cols)
+    return _sample_errors(plan).amax()
 
 
 def _logsumexp_(x: Tensor, dim: int) -> Tensor:
@@ -196,20 +257,20 @@ def _authors(
 def _converged(
     cost: Tensor, eps: float, max_iter: int, tol: float, check_every: int, host_checks: bool
 ) -> tuple[Tensor, int | Tensor]:
-    """Sinkhorn on the mean-normalised cost until both marginals are within `tol`: with
-    `host_checks`, stopping there (one host sync per check); without, the potentials freeze
-    on the device at the first check that meets it and all `max_iter` iterations are queued."""
-    _, r, s = cost.shape
+    """Sinkhorn on the mean-normalised cost until each sample's marginals are within `tol`:
+    a sample's potentials freeze at the first check its plan meets it; with `host_checks` the
+    loop ends when all have (one host sync per check), without it all `max_iter` iterations
+    are queued."""
+    batch, r, s = cost.shape
     scale = cost.mean(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     log_k = cost / (scale * -eps)  # log of the Gibbs kernel
     f = torch.zeros(cost.shape[:2], device=cost.device)  # row potential / eps
     g = torch.zeros(cost.shape[0], s, device=cost.device)  # column potential / eps
     log_r, log_s = -math.log(r), -math.log(s)
     work = torch.empty_like(cost)
-    met = torch.zeros((), dtype=torch.bool, device=cost.device)
-    iterations = torch.zeros((), dtype=torch.int64, device=cost.device)
+    met = torch.zeros(batch, 1, dtype=torch.bool, device=cost.device)  # per sample
+    iterations = torch.zeros(batch, dtype=torch.int64, device=cost.device)
     done = 0
-    err = math.inf
     while done < max_iter:
         f_new, g_new = f, g
         for _ in range(min(check_every, max_iter - done)):
@@ -217,22 +278,17 @@ def _converged(
             g_new = log_s - _logsumexp_(torch.add(log_k, f_new[:, :, None], out=work), -2)
         chunk = min(check_every, max_iter - done)
         done += chunk
-        if host_checks:
-            f, g = f_new, g_new
-            plan = torch.exp(log_k + f[:, :, None] + g[:, None, :])
-            err = _marginal_error(plan).item()  # the check's one host sync
-            if err < tol:
-                return plan, done
-        else:
-            iterations += (~met).long() * chunk
-            f, g = torch.where(met, f, f_new), torch.where(met, g, g_new)
-            plan = torch.exp(log_k + f[:, :, None] + g[:, None, :])
-            met |= _marginal_error(plan) < tol
+        iterations += (~met[:, 0]).long() * chunk
+        f, g = torch.where(met, f, f_new), torch.where(met, g, g_new)  # stopped samples stay
+        plan = torch.exp(log_k + f[:, :, None] + g[:, None, :])
+        met |= (_sample_errors(plan) < tol)[:, None]
+        if host_checks and bool(met.all()):  # the check's one host sync
+            return plan, int(iterations.max())
     if not host_checks:
-        return plan, iterations
+        return plan, iterations.amax()
     warnings.warn(
         f"sinkhorn(mode='converged') stopped at max_iter={max_iter} with marginal error "
-        f"{err:.2e} >= tol={tol:.0e}; raise max_iter or eps",
+        f"{float(_sample_errors(plan).max()):.2e} >= tol={tol:.0e}; raise max_iter or eps",
         RuntimeWarning,
         stacklevel=3,
     )

@@ -24,6 +24,7 @@ SAFE_KEYS = frozenset(
         "train.log_every",
         "train.eval_every",
         "train.checkpoint_every",
+        "train.checkpoint_minutes",
         "train.keep_checkpoints",
         "train.preempt_check_every",
         "train.progress",
@@ -43,6 +44,8 @@ SAFE_KEYS = frozenset(
         "model.zero_init_last",
         "model.channels_last",
         "model.compile",
+        # the same plans either way, to float32 rounding (docs/mixing.md)
+        "method.sinkhorn_backend",
     }
 )
 SAFE_PREFIXES = ("tracking.",)

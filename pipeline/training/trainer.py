@@ -105,6 +105,7 @@ class Trainer:
         self.last_val: tuple[float | None, float | None] = (None, None)  # top-1, top-5 error
         self.tracker = Tracker(recipe, self.output_dir, enabled=acc.is_main_process)
         self.watch = PreemptionWatch(self.output_dir)
+        self.last_checkpoint = time.monotonic()  # for train.checkpoint_minutes
 
     # ----------------------------------------------------------------- resume
     def _resume(self) -> None:
@@ -243,9 +244,18 @@ class Trainer:
             last = self.state.step >= self.total_steps
             if (epoch_done and self.state.epoch % cfg.eval_every == 0) or last:
                 self._validate()
-            if epoch_done and not last:
+            if epoch_done and not last and self._epoch_checkpoint_due():
                 self._checkpoint()
         return timing, False
+
+    def _epoch_checkpoint_due(self) -> bool:
+        """At an epoch's end: always, or with `train.checkpoint_minutes` once that long has
+        passed since the last checkpoint (on any rank: the ranks decide together)."""
+        minutes = self.recipe.train.checkpoint_minutes
+        if minutes is None:
+            return True
+        late = time.monotonic() - self.last_checkpoint >= 60.0 * minutes
+        return bool(any_rank(self.accelerator, torch.tensor([late]))[0])
 
     def _accumulation_window(self) -> tuple[int, bool]:
         """(micro-batches in the current optimiser step, whether this batch is its last). A
@@ -336,6 +346,7 @@ class Trainer:
         return model_facts(self.model, self.num_classes, self.loaders.class_names)
 
     def _checkpoint(self) -> None:
+        self.last_checkpoint = time.monotonic()
         self.state.mlflow_run_id = self.tracker.run_id or self.state.mlflow_run_id
         save_checkpoint(
             self.accelerator,
