@@ -83,7 +83,11 @@ class ModelConfig(Section):
         "True); False: every BatchNorm weight 1, as the authors; None: the model's default",
     )
     channels_last: bool = True
-    compile: bool = False
+    compile: bool = Field(
+        False,
+        description="torch.compile the model's stages, classifier, f and decoder in place "
+        "(the method's host draws and the Sinkhorn op stay eager between them)",
+    )
     ae: AEConfig = Field(default_factory=AEConfig)
 
 

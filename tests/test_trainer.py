@@ -118,9 +118,9 @@ def test_run_finishes_tracked_and_reloadable(tiny_overrides, mlflow_uri, tmp_pat
     )
 
 
-@pytest.mark.parametrize(
-    ("backend", "accum"), [("torchvision", 1), ("dali", 1), ("torchvision", 2)], ids=str
-)
+# (torchvision, 1) is the intersection of the two cases kept: DALI without accumulation and
+# torchvision with it (each run is ~50 s of real processes on 2 cores).
+@pytest.mark.parametrize(("backend", "accum"), [("dali", 1), ("torchvision", 2)], ids=str)
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(
     backend, accum, tiny_overrides, mlflow_uri, subprocess_env
 ):

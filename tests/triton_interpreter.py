@@ -66,7 +66,7 @@ def cases() -> dict[str, tuple[torch.Tensor, dict]]:
             out[f"{mode}-scale{scale:g}"] = (random_cost(2, 9, 9, scale, seed=1), short)
         for phase, cost in resnet_costs().items():  # the solver's defaults: 100 / 1000
             out[f"{mode}-resnet-{phase}"] = (cost[:2], {"mode": mode})
-    out["authors-23"] = (authors_23_cost(), {"mode": "authors"})
+    out["authors-23"] = (authors_23_cost(), {"mode": "authors", "max_iter": 30})  # exits at 23
     out["authors-23-capped"] = (authors_23_cost(), {"mode": "authors", "max_iter": 20})
     # solved alone, the first stops after 20 iterations and the second after 40
     easy_hard = torch.cat([random_cost(1, 8, 8, 1.0, seed=2), random_cost(1, 8, 8, 1.0, seed=11)])

@@ -188,6 +188,11 @@ class AutoEncoderMixNet(MixNet):
     def _head_channels(self) -> int:
         return self._embed_channels
 
+    def compiled_parts(self) -> list[nn.Module]:
+        """The backbone's parts, `f` (and the VAE's log σ² layer) and the decoder."""
+        extra = [self.embedding, self.log_var, self.decoder]
+        return [*super().compiled_parts(), *(m for m in extra if m is not None)]
+
     def embed(self, a: Tensor) -> Tensor:
         """`e = f(A)` (B, E, h', w'); for the VAE, the mean `μ`."""
         if self.embedding_kind == "tensor" and (a.shape[-2] % 2 or a.shape[-1] % 2):

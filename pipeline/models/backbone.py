@@ -210,3 +210,19 @@ class MixNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
+
+    def compiled_parts(self) -> list[nn.Module]:
+        """The modules `compile_parts` compiles: every stage and the classifier."""
+        return [*self.stages, self.classifier]
+
+    def compile_parts(self, **options) -> None:
+        """`torch.compile` each part the methods call, in place (`model.compile: true`).
+
+        The parts, not the step: a method draws λ, partners and its branch on the host and
+        runs the Sinkhorn op between parts, so a compiled step would break its graph there and
+        recompile for every new λ. Each part is a pure tensor function of fixed shapes: one
+        graph, no break, compiled once per mode (train, eval); the mixing between parts runs
+        eagerly with λ as a Python float. Parameter names do not change.
+        """
+        for module in self.compiled_parts():
+            module.compile(**options)

@@ -78,8 +78,6 @@ class Trainer:
         self.method = method
         self.num_params = count_parameters(model)
         runner = MethodRunner(model, method)
-        if recipe.model.compile:
-            runner = torch.compile(runner)
 
         self.steps_per_epoch = len(self.loaders.train)  # loader batches (micro-batches)
         self.accum = _accumulation(cfg, recipe.data.batch_size * acc.num_processes)
@@ -95,6 +93,8 @@ class Trainer:
 
             self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay)
             acc.register_for_checkpointing(self.ema)
+        if recipe.model.compile:  # after the EMA's copy, which stays eager
+            model.compile_parts()
         self.set_lr = build_schedule(
             recipe.optim, self.optimizer, self.base_lr, cfg.epochs, self.updates_per_epoch
         )
