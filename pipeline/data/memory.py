@@ -14,8 +14,8 @@ tensor operations on the device, with no host-to-device copy or sync per step: t
 Python runs in the training loop. Which sample each rank reads, and its crop offset and flip,
 come from the same per-slot plan as the file loaders (`sharding.train_plan`): a function of
 (seed, epoch, slot), so a resume is exact and a sample's augmentation does not depend on the
-number of ranks. DALI is not used: it would decode files,
-and these sets are decoded once (docs/data.md).
+number of ranks. DALI is not used: it would decode files, and these sets are decoded once
+(docs/data.md).
 """
 
 from __future__ import annotations

@@ -34,11 +34,11 @@ import os
 import torch
 from torch import Tensor
 
+from pipeline.mixing.sinkhorn import _AUTHORS_LOG_OFFSET, _AUTHORS_THRESHOLD
+
 __all__ = ["MAX_SIDE", "available", "fits", "fused_sinkhorn", "runs_on"]
 
 MAX_SIDE = 64  # the largest r or s held in one program's registers
-_AUTHORS_THRESHOLD = 0.1
-_AUTHORS_LOG_OFFSET = 1e-8
 _MODES = {"authors": 0, "converged": 1}
 
 
