@@ -180,6 +180,12 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(3, ge=1)
     resume: Literal["auto", "never"] | str = "auto"
     preempt_check_every: int = Field(20, ge=1, description="steps between preemption checks")
+    collective_timeout_minutes: float = Field(
+        10.0,
+        gt=0,
+        description="how long a rank waits in a collective for the others before the run stops "
+        "with exit 5 (requeued by slurm/launch.sh): a hung or lost rank frees the allocation",
+    )
     cpu: bool = False
     progress: bool = True
     grad_accum_steps: int = Field(

@@ -1,7 +1,8 @@
 """Errors about the user's input or run, each naming the file, key or value at fault.
 
-The CLI prints these as one line and exits with the error's `exit_status` (2; 4 for storage),
-without a traceback; anything else is a bug and keeps its traceback.
+The CLI prints these as one line and exits with the error's `exit_status` (2; 4 for storage; 5
+for a rank that stopped answering), without a traceback; anything else is a bug and keeps its
+traceback.
 """
 
 
@@ -21,6 +22,17 @@ class DataError(PipelineError):
 
 class TrainingError(PipelineError):
     """A run that had to stop, e.g. a non-finite loss (the message names the step)."""
+
+
+class RunFolderInUse(PipelineError):
+    """Another training holds the run folder's lock (two jobs on one `train.output_dir`)."""
+
+
+class CollectiveTimeout(TrainingError):
+    """A collective did not complete on every rank in time (a rank hung, died or lost its
+    network): exit 5, which slurm/launch.sh requeues."""
+
+    exit_status = 5
 
 
 class CheckpointError(PipelineError):

@@ -74,6 +74,11 @@ class Recipe(Section):
     def _name_is_simple(cls, v: str) -> str:
         if not v or "/" in v:
             raise ValueError(f"name must be non-empty and contain no '/', got {v!r}")
+        if not v.replace(".", "").strip():  # runs/. or runs/.. : not a run folder of its own
+            raise ValueError(
+                "name must be a folder name of its own, not '.', '..' or only dots and spaces "
+                "(the run folder defaults to runs/<name>)"
+            )
         return v
 
     def flat(self) -> dict[str, Any]:

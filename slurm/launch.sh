@@ -20,6 +20,8 @@
 #   GPUS_PER_NODE        [Slurm's $SLURM_GPUS_ON_NODE, else $SLURM_GPUS_PER_NODE, else 0 (CPU)]
 #   MAIN_ADDR            rendezvous address                         [NodeAddr of the first node]
 #   MAIN_PORT            rendezvous port                            [20000 + job id % 20000]
+#   MAX_LOST_REQUEUES    requeues in a row after a rank stopped answering, with no new
+#                        checkpoint in between                      [3]
 #   PYTHON               interpreter     [$PIPELINE_ROOT/.venv/bin/python if present, else python3;
 #                                         python inside a container]
 #   CONTAINER_IMAGE      run in this image through Pyxis/enroot     [unset: no container]
@@ -27,10 +29,11 @@
 #                                                     at the same path]
 # Partition, account, time, nodes, GPUs and CPUs are sbatch's: flags (`sbatch -p gpu -A proj
 # -N 4 --gpus-per-node=8 slurm/x.sh`) or its variables (SBATCH_PARTITION, SBATCH_ACCOUNT,
-# SBATCH_TIMELIMIT). Exit status: 0 finished (or requeued), 2 bad settings or recipe,
-# 3 checkpointed but not requeued (submit again to continue), 4 a checkpoint or model file could
-# not be written (disk full, quota, permission: needs attention; one process only, since
-# torchrun reports a worker's 4 as 1), else the trainer's.
+# SBATCH_TIMELIMIT). Exit status: 0 finished (or requeued), 2 bad settings or recipe (or another
+# job trains in the same OUTPUT_DIR), 3 checkpointed but not requeued (submit again to continue),
+# 4 a checkpoint or model file could not be written (disk full, quota, permission: needs
+# attention; one process only, since torchrun reports a worker's 4 as 1), 5 a rank stopped
+# answering and the requeues allowed in a row are spent, else the trainer's.
 #
 # `bash slurm/launch.sh --print-command` (or `bash slurm/<recipe>.sh --print-command`) prints the
 # srun command built from the SLURM_* variables and the settings above, and runs nothing.
@@ -186,6 +189,26 @@ requeue() {
     exit 3
 }
 
+# A rank hung or was lost (the trainer's exit 5, or its RANK_LOST file when torchrun reports 1):
+# requeue, up to MAX_LOST_REQUEUES times in a row without a new checkpoint.
+# shellcheck disable=SC2317  # called from finish
+rank_lost() {
+    local rc=$1 counter=$OUTPUT_DIR/.lost_requeues count
+    cat "$OUTPUT_DIR/RANK_LOST" 2>/dev/null || true
+    rm -f "$OUTPUT_DIR/RANK_LOST"
+    if [[ $(latest_checkpoint) != "$START_CHECKPOINT" ]]; then rm -f "$counter"; fi
+    count=$(cat "$counter" 2>/dev/null || echo 0)
+    if ((count >= ${MAX_LOST_REQUEUES:-3})); then
+        echo "launch.sh: a rank stopped answering (exit $rc), $count time(s) in a row without" \
+            "a new checkpoint; not requeued: check the nodes, then submit again" >&2
+        exit 5
+    fi
+    echo $((count + 1)) >"$counter"
+    echo "launch.sh: a rank stopped answering (exit $rc); requeueing to resume from the last" \
+        "checkpoint"
+    requeue
+}
+
 # Decide from the trainer's exit status what the job does next.
 finish() {
     local rc=$1
@@ -206,6 +229,7 @@ finish() {
         echo "launch.sh: Slurm is ending the job (exit $rc); not requeued from here" >&2
         exit "$rc"
     fi
+    if ((rc == 5)) || [[ -e $OUTPUT_DIR/RANK_LOST ]]; then rank_lost "$rc"; fi
     # `accelerate launch` (torchrun) reports a worker's exit status 3 as 1, so a checkpoint newer
     # than the one this job started from also counts as "stopped on request".
     if ((rc == 3)); then requeue; fi
@@ -232,7 +256,7 @@ main() {
     [[ -n ${SLURM_JOB_ID:-} ]] || die "not inside a Slurm job: submit it with sbatch"
 
     mkdir -p "$OUTPUT_DIR"
-    rm -f "$OUTPUT_DIR/PREEMPT" # a stale request from a run that died before reading it
+    rm -f "$OUTPUT_DIR/PREEMPT" "$OUTPUT_DIR/RANK_LOST" # stale: a run that died before reading it
     trap 'on_stop USR1' USR1
     trap 'on_stop TERM' TERM
     START_CHECKPOINT=$(latest_checkpoint)

@@ -39,6 +39,7 @@ SETTINGS = (
     "CONTAINER_IMAGE",
     "CONTAINER_MOUNTS",
     "MLFLOW_TRACKING_URI",
+    "MAX_LOST_REQUEUES",
 )
 JOB_TIMEOUT = 300.0  # seconds; only so that a broken job cannot hang the suite
 
@@ -235,6 +236,37 @@ def test_bad_override_fails_fast_and_is_not_requeued(cluster, submit, mlflow_uri
     from mlflow.tracking import MlflowClient
 
     assert MlflowClient(mlflow_uri).get_experiment_by_name("bad") is None  # nothing trained
+
+
+# A stand-in for the trainer (as PYTHON): it exits as a rank that lost a peer does under torchrun,
+# status 1 with RANK_LOST left in the run folder, and says which start of the job it was.
+LOST_RANK = """#!/bin/sh
+for a in "$@"; do case $a in train.output_dir=*) out=${a#train.output_dir=} ;; esac; done
+echo "start ${SLURM_RESTART_COUNT:-0}"
+echo "rank 1: a collective with the other ranks failed (stand-in)" >"$out/RANK_LOST"
+exit 1
+"""
+
+
+def test_a_lost_rank_is_requeued_until_the_limit_without_progress(cluster, tmp_path):
+    fake = tmp_path / "lost-rank"
+    fake.write_text(LOST_RANK)
+    fake.chmod(0o755)
+    env = clean_env(
+        cluster, OUTPUT_ROOT=str(tmp_path / "runs"), PYTHON=str(fake), MAX_LOST_REQUEUES="1"
+    )
+    job = cluster.sbatch(
+        "slurm/imagenet_baseline.sh", "--gpus-per-node=0", "--cpus-per-task=1",
+        f"--output={tmp_path}/slurm-%j.out", env=env, cwd=REPO,
+    )  # fmt: skip
+    info = cluster.wait(job, JOB_TIMEOUT)
+    log = job_log(tmp_path, job)
+    assert info["Restarts"] == "1", log  # requeued once, then the limit (1 in a row) holds
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "5:0", log
+    assert "start 0" in log and "start 1" in log
+    assert "a rank stopped answering (exit 1); requeueing" in log
+    assert "1 time(s) in a row without a new checkpoint; not requeued" in log
+    assert not (tmp_path / "runs" / "imagenet_baseline" / "RANK_LOST").exists()
 
 
 # ------------------------------------------------------------ the command it builds

@@ -16,6 +16,10 @@ come from the same per-slot plan as the file loaders (`sharding.train_plan`): a 
 (seed, epoch, slot), so a resume is exact and a sample's augmentation does not depend on the
 number of ranks. DALI is not used: it would decode files, and these sets are decoded once
 (docs/data.md).
+
+CIFAR's batches are pickles, and unpickling can call any function a file names: they are read by
+an unpickler that resolves only what the distributed files hold (NumPy's array reconstruction),
+so a crafted file is refused before anything in it runs.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
@@ -73,7 +77,33 @@ def dataset_folder(root: str | Path, layout: str) -> Path:
     )
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Resolves only the globals CIFAR's python batches name: NumPy's array reconstruction
+    (under NumPy 1's and 2's module names, protocol 2 as distributed or 5 as re-pickled) and
+    Python 3's bytes under protocol 2. Dicts, lists, bytes and numbers need none."""
+
+    ALLOWED = frozenset(
+        [(f"numpy.{core}.multiarray", "_reconstruct") for core in ("core", "_core")]
+        + [(f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")]
+        + [("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")]
+    )
+
+    def __init__(self, file: BinaryIO, path: Path) -> None:
+        super().__init__(file, encoding="bytes")  # the format CIFAR is distributed in
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise DataError(
+                f"{self.path}: refuses '{module}.{name}': a CIFAR python batch holds only "
+                "dicts, lists, bytes, numbers and NumPy arrays, and unpickling anything else "
+                "could run code; use the files of the distributed archive"
+            )
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
+    """The dict pickled in `path`, read with `_CifarUnpickler`."""
     if not path.is_file():
         raise DataError(
             f"{path}: missing; the {path.parent.name}/ folder is incomplete (it needs every "
@@ -81,26 +111,42 @@ def _unpickle(path: Path) -> dict:
         )
     try:
         with path.open("rb") as f:
-            return pickle.load(f, encoding="bytes")  # the format CIFAR is distributed in
-    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+            loaded = _CifarUnpickler(f, path).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
         raise DataError(f"{path}: not a CIFAR python batch ({type(exc).__name__}: {exc})") from None
+    if not isinstance(loaded, dict):
+        raise DataError(f"{path}: not a CIFAR python batch (a {type(loaded).__name__}, no dict)")
+    return loaded
+
+
+def _entry(batch: dict, key: str, path: Path) -> Any:
+    """`batch[key]` (a bytes key, as `encoding="bytes"` reads them), or a DataError naming it."""
+    try:
+        return batch[key.encode()]
+    except KeyError:
+        raise DataError(f"{path}: no {key.encode()!r} entry") from None
 
 
 def read_cifar(root: str | Path, layout: str, split: str) -> ArraySplit:
     """A CIFAR-10/100 split from the python batches (`data` rows of 3072 bytes, R then G then
-    B planes of 32 × 32)."""
+    B planes of 32 × 32); every label must index the meta file's class names."""
     folder = dataset_folder(root, layout)
     meta_file, names_key, labels_key = _CIFAR_META[layout]
-    names = [n.decode() for n in _unpickle(folder / meta_file)[names_key.encode()]]
+    meta = folder / meta_file
+    names = [n.decode() for n in _entry(_unpickle(meta), names_key, meta)]
     images, labels = [], []
     for name in _CIFAR_FILES[layout, split]:
-        batch = _unpickle(folder / name)
-        try:
-            data, y = batch[b"data"], batch[labels_key.encode()]
-        except KeyError as exc:
-            raise DataError(f"{folder / name}: no {exc.args[0]!r} entry") from None
+        path = folder / name
+        batch = _unpickle(path)
+        data, y = _entry(batch, "data", path), _entry(batch, labels_key, path)
         images.append(np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.append(np.asarray(y, dtype=np.int64))
+        bad = np.flatnonzero((labels[-1] < 0) | (labels[-1] >= len(names)))
+        if bad.size:
+            raise DataError(
+                f"{path}: label {labels[-1][bad[0]]} (sample {bad[0]}) is not one of the "
+                f"{len(names)} classes of {meta_file} (0 to {len(names) - 1})"
+            )
     return ArraySplit(np.concatenate(images), np.concatenate(labels), names, str(folder))
 
 

@@ -2,15 +2,19 @@
 
 Workers return float32 normalised crops (lighting folded into the mean, see augment.py). The
 DataLoader gets its own generator, so iterating it never draws from the trainer's global RNG
-(which would make a resumed run diverge).
+(which would make a resumed run diverge). Its workers are treated as workers.py's: they ignore the
+signals that ask the trainer to stop, and die with it.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import TYPE_CHECKING
 
 from pipeline.data.augment import draw_train_params, normalize, shifted_mean, train_pil, val_pil
 from pipeline.data.base import PlannedLoader
+from pipeline.data.workers import detach_worker, kill_daemonic_workers_at_exit, stop_signals_held
 
 if TYPE_CHECKING:
     from pipeline.config import DataConfig
@@ -43,6 +47,11 @@ class SlotDataset:
         return normalize(img, mean, self.cfg.std), label
 
 
+def _worker_init(parent: int, worker_id: int) -> None:
+    """A DataLoader worker's start, as a pool worker's (workers.py); the id is not needed."""
+    detach_worker(parent)
+
+
 class _PlanBatches:
     """Batch sampler over a plan from batch `start`, both set before each iteration."""
 
@@ -68,6 +77,7 @@ class TorchvisionLoader(PlannedLoader):
         super().__init__(split, cfg, **kwargs)
         self._batches = _PlanBatches(self._plan)
         workers = cfg.num_threads
+        kill_daemonic_workers_at_exit()
         self._loader = DataLoader(
             SlotDataset(self.files, self.sizes, cfg, self.train),
             batch_sampler=self._batches,
@@ -76,12 +86,15 @@ class TorchvisionLoader(PlannedLoader):
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
             generator=torch.Generator(),
+            worker_init_fn=functools.partial(_worker_init, os.getpid()),
         )
 
     def __iter__(self):
         # DataLoader reads the sampler when its iteration starts, so set it just before.
         self._batches.plan, self._batches.start = self._take_start()
-        return self._run(iter(self._loader))
+        with stop_signals_held():  # the first iteration forks the workers
+            batches = iter(self._loader)
+        return self._run(batches)
 
     def _run(self, batches):
         non_blocking = self.device.type == "cuda"

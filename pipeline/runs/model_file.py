@@ -2,26 +2,31 @@
 recipe, the classes, whether it has a decoder, the MLflow run) as JSON in its header.
 
 Nothing is unpickled on load, so a model file from anywhere is safe to open. `load_model` also
-reads a run folder (its `model_final.safetensors`) or a checkpoint folder.
+reads a run folder (its `model_final.safetensors`) or a checkpoint folder. A file it cannot use
+(unreadable, a broken header, weights that do not fit the model the header describes) is a
+CheckpointError of one line naming the file and what is wrong.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, RecipeError
 from pipeline.models.versions import architecture_version, check_architecture
 from pipeline.recipe import Recipe, load_recipe
 from pipeline.runs.checkpoints import (
+    META_FILE,
     RECIPE_FILE,
     STATE_FILE,
     TrainerState,
     checkpoint_weights,
+    error_cause,
     read_meta,
     read_state,
     storage_error,
@@ -88,14 +93,43 @@ def _read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
 
     try:
         with safe_open(str(path), framework="pt") as fh:
-            header = json.loads((fh.metadata() or {})[_HEADER_KEY])
+            text = (fh.metadata() or {}).get(_HEADER_KEY)
             names = fh.keys()
             weights = {key: fh.get_tensor(key) for key in names}
-    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+    except (SafetensorError, OSError) as exc:
         raise CheckpointError(
-            f"{path}: not a model file this pipeline wrote ({type(exc).__name__}: {exc})"
+            f"{path}: unreadable, truncated or corrupt ({error_cause(exc)})"
         ) from None
+    if text is None:
+        raise CheckpointError(
+            f"{path}: not a model file this pipeline wrote (no {_HEADER_KEY} entry in its header)"
+        )
+    try:
+        header = json.loads(text)
+    except ValueError as exc:
+        raise CheckpointError(
+            f"{path}: the facts in its header are not valid JSON ({exc})"
+        ) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the facts in its header are not a JSON object")
     return weights, header
+
+
+def _header_recipe(header: dict[str, Any], path: Path) -> Recipe:
+    """The recipe embedded in a model file's header, or one line saying what is wrong with it."""
+    from pydantic import ValidationError
+
+    raw = header.pop("recipe", None)
+    if not isinstance(raw, dict):
+        got = "missing" if raw is None else f"a {type(raw).__name__}, not a mapping"
+        raise CheckpointError(f"{path}: the recipe in its header is {got}")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in exc.errors()[:3]
+        )
+        raise CheckpointError(f"{path}: the recipe in its header is invalid ({problems})") from None
 
 
 def _pick(weights: dict[str, torch.Tensor], which: str, where: Path) -> dict[str, torch.Tensor]:
@@ -113,7 +147,12 @@ def _checkpoint_ema(folder: Path) -> dict[str, torch.Tensor]:
     path = folder / _EMA_IN_CHECKPOINT
     if not path.is_file():
         return {}
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(
+            f"{path}: unreadable, truncated or corrupt ({error_cause(exc)})"
+        ) from None
     return {EMA_PREFIX + k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -127,17 +166,26 @@ def read_weights(
     run reached MLflow only after the file was written) and `step`. Weights saved for another
     version of the architecture (`pipeline.models.versions`) are refused.
     """
-    if which not in ("raw", "ema"):
-        raise CheckpointError(f"--weights must be raw or ema, got {which!r}")
+    return _read_located(_locate(path), which)
+
+
+def _locate(path: str | Path) -> Path:
+    """The model file or checkpoint folder that `path` (a file, a run folder, a checkpoint
+    folder or an MLflow run id) names."""
     from pipeline.runs.store import run_folder
     from pipeline.runs.tracking import resolve_tracking_uri
 
     p = run_folder(str(path), resolve_tracking_uri(), "--checkpoint") or Path(path)
-    if p.is_dir() and (p / FINAL_MODEL).is_file():
-        p = p / FINAL_MODEL
+    return p / FINAL_MODEL if p.is_dir() and (p / FINAL_MODEL).is_file() else p
+
+
+def _read_located(p: Path, which: str) -> tuple[dict[str, torch.Tensor], Recipe, dict[str, Any]]:
+    """`read_weights` of a model file or checkpoint folder `p` (from `_locate`)."""
+    if which not in ("raw", "ema"):
+        raise CheckpointError(f"--weights must be raw or ema, got {which!r}")
     if p.is_file():
         weights, header = _read_model_file(p)
-        recipe = Recipe.model_validate(header.pop("recipe"))
+        recipe = _header_recipe(header, p)
         header["mlflow_run_id"] = header.get("mlflow_run_id") or recorded_run_id(p.parent)
         check_architecture(recipe.model.name, header.get("architecture_version"), p)
         return _pick(weights, which, p), recipe, header
@@ -145,7 +193,10 @@ def read_weights(
         state = read_state(p)
         run_id = state.mlflow_run_id or recorded_run_id(p.parent.parent)
         facts = {**read_meta(p), "mlflow_run_id": run_id, "step": state.step}
-        recipe = load_recipe(p / RECIPE_FILE)
+        try:
+            recipe = load_recipe(p / RECIPE_FILE)
+        except RecipeError as exc:  # one line: its problems joined
+            raise CheckpointError("; ".join(x.strip() for x in str(exc).splitlines())) from None
         check_architecture(recipe.model.name, facts.get("architecture_version"), p)
         weights = {**checkpoint_weights(p), **_checkpoint_ema(p)}
         return _pick(weights, which, p), recipe, facts
@@ -159,19 +210,52 @@ def load_model(
     weights (`which`; see `read_weights`)."""
     from pipeline.models import build_model
 
-    weights, recipe, facts = read_weights(path, which)
+    p = _locate(path)
+    weights, recipe, facts = _read_located(p, which)
+    in_file = p.is_file()
+    described = "its header" if in_file else f"its {RECIPE_FILE} and {META_FILE}"
+    try:
+        num_classes, decoder = int(facts["num_classes"]), bool(facts["has_decoder"])
+    except (KeyError, TypeError, ValueError) as exc:
+        where = "its header" if in_file else META_FILE
+        raise CheckpointError(
+            f"{p}: no valid num_classes and has_decoder in {where} ({error_cause(exc)})"
+        ) from None
     # The weights come from the file: no pretrained weights to fetch first.
     architecture = recipe.model.model_copy(update={"timm_pretrained": False})
-    model = build_model(
-        architecture,
-        int(facts["num_classes"]),
-        autoencoder=facts["has_decoder"],
-        embedding=facts.get("has_embedding", facts["has_decoder"]),  # files from before f alone
-    )
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not match the recipe's model {recipe.model.name!r} "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+    try:
+        model = build_model(
+            architecture,
+            num_classes,
+            autoencoder=decoder,
+            embedding=facts.get("has_embedding", decoder),  # files from before f alone
         )
+    except RecipeError as exc:
+        problem = "; ".join(x.strip() for x in str(exc).splitlines())
+        raise CheckpointError(
+            f"{p}: the model {described} describes cannot be built ({problem})"
+        ) from None
+    misfit = _misfit(weights, model.state_dict())
+    if misfit:
+        count = f"{len(misfit)} weights do not" if len(misfit) > 1 else "1 weight does not"
+        more = f"; and {len(misfit) - 3} more" if len(misfit) > 3 else ""
+        raise CheckpointError(
+            f"{p}: {count} fit the model {described} describes ({recipe.model.name}, "
+            f"{num_classes} classes): " + "; ".join(misfit[:3]) + more
+        )
+    model.load_state_dict(weights)
     return model.eval(), recipe, facts
+
+
+def _misfit(weights: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> list[str]:
+    """Each way `weights` do not fit a model's own state dict `own`, shapes first: a weight of
+    another shape, one the file lacks, one the model lacks."""
+    return [
+        *(
+            f"{k} is {list(v.shape)} in the file, {list(own[k].shape)} in the model"
+            for k, v in weights.items()
+            if k in own and v.shape != own[k].shape
+        ),
+        *(f"{k} is not in the file" for k in own if k not in weights),
+        *(f"{k} is not in the model" for k in weights if k not in own),
+    ]

@@ -27,6 +27,7 @@ SAFE_KEYS = frozenset(
         "train.checkpoint_minutes",
         "train.keep_checkpoints",
         "train.preempt_check_every",
+        "train.collective_timeout_minutes",
         "train.progress",
         "train.resume",
         "train.output_dir",

@@ -131,11 +131,15 @@ def send_pending(folder: Path, uri: str, stop=None) -> int:
     """Deliver the journal in `folder` beyond what was delivered before; the entries sent.
 
     Raises whatever MLflow raises (the caller retries); what was delivered stays recorded.
-    `stop`, a threading.Event, ends the loop between calls.
+    `stop`, a threading.Event, ends the loop between calls. A line that is not an entry is
+    stepped over (read_entries says which), so what follows it is delivered, once.
     """
+    from pipeline.runs.tracking import absolute_uri
+
     quick_failing_client_settings()
+    uri = absolute_uri(uri)  # recorded: it names the same store from any working directory
     state = SendState.read(folder)
-    if state.uri not in (None, uri):
+    if state.uri is not None and absolute_uri(state.uri) != uri:
         raise ValueError(
             f"{folder}: this run was tracked at {state.uri}, not {uri}; give that URI (or move "
             f"{folder / STATE} away to send the whole journal to {uri} as a new run)"
@@ -155,7 +159,11 @@ def send_pending(folder: Path, uri: str, stop=None) -> int:
             state.offset = end
             state.write(folder)
 
-    for offset, entry in read_entries(folder / "journal.jsonl", state.offset):
+    def step_over(offset: int) -> None:
+        nonlocal end
+        end = offset
+
+    for offset, entry in read_entries(folder / "journal.jsonl", state.offset, step_over):
         if stop is not None and stop.is_set():
             break
         if entry["kind"] == "metrics" and state.run_id is not None:
@@ -172,6 +180,9 @@ def send_pending(folder: Path, uri: str, stop=None) -> int:
         end = state.offset = offset
         state.write(folder)
     flush_metrics()
+    if end != state.offset:  # only lines that are not entries since the last one sent
+        state.offset = end
+        state.write(folder)
     return sent
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from pipeline.errors import TrackingError
 from pipeline.recipe import Recipe, dump_recipe
-from pipeline.runs.journal import Journal
+from pipeline.runs.journal import FILE, Journal, read_entries
 from pipeline.runs.sender import SendState, pending_bytes, send_pending
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -38,6 +38,16 @@ DESCRIPTION_TAG = "mlflow.note.content"
 def resolve_tracking_uri(recipe_uri: str | None = None) -> str:
     """The recipe's URI, else `$MLFLOW_TRACKING_URI`, else a SQLite store in the working dir."""
     return recipe_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def absolute_uri(uri: str) -> str:
+    """`uri` with a relative SQLite path made absolute (from the working directory), so that it
+    names the same store when it is read back from another folder."""
+    prefix = "sqlite:///"
+    path = uri[len(prefix) :]
+    if uri.startswith(prefix) and not path.startswith("/"):
+        return prefix + os.path.abspath(path)
+    return uri
 
 
 def artifact_root(uri: str) -> str | None:
@@ -99,6 +109,20 @@ def probe(uri: str, timeout: float) -> str | None:
 def recorded_run_id(output_dir: str | Path) -> str | None:
     """The MLflow run a run folder's journal is delivered to, if it has reached MLflow."""
     return SendState.read(Path(output_dir) / FOLDER).run_id
+
+
+def recorded_tracking_uri(output_dir: str | Path) -> str | None:
+    """The store a run folder's journal belongs to: the one it was delivered to, else the one its
+    start entry names (the recipe's `tracking.tracking_uri` for journals older than that)."""
+    folder = Path(output_dir) / FOLDER
+    delivered = SendState.read(folder).uri
+    if delivered is not None:
+        return delivered
+    first = next(read_entries(folder / FILE), None)
+    if first is None or first[1]["kind"] != "start":
+        return None
+    start = first[1]
+    return start.get("tracking_uri") or start.get("params", {}).get("tracking.tracking_uri")
 
 
 class _Delivery(threading.Thread):
@@ -187,6 +211,7 @@ class Tracker:
                 },
                 params={**self.recipe.flat(), **extra_params},
                 recipe=dump_recipe(self.recipe),
+                tracking_uri=absolute_uri(self.uri),  # where `sync-tracking` sends it later
             )
         else:
             self.journal.append("resume")
@@ -252,14 +277,23 @@ class Tracker:
             )
 
 
-def sync(output_dir: str | Path, uri: str | None = None) -> int:
-    """Deliver a run folder's journal now (`sync-tracking`); the entries sent."""
+def sync(output_dir: str | Path, uri: str | None = None) -> tuple[int, str]:
+    """Deliver a run folder's journal now (`sync-tracking`) to `uri`, by default the store the
+    run recorded; the entries sent and the URI they went to."""
     folder = Path(output_dir) / FOLDER
-    if not (folder / "journal.jsonl").is_file():
+    if not (folder / FILE).is_file():
         raise TrackingError(f"{folder}: no tracking journal (not a run folder of this pipeline?)")
-    target = uri or SendState.read(folder).uri or resolve_tracking_uri()
+    target = uri or recorded_tracking_uri(output_dir)
+    if target is None:
+        source = "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "default"
+        target = absolute_uri(resolve_tracking_uri())
+        _say(
+            f"tracking: {folder / FILE} records no tracking URI; sending to the {source} store, "
+            f"{target} (--tracking-uri chooses)"
+        )
+    target = absolute_uri(target)
     try:
-        return send_pending(folder, target)
+        return send_pending(folder, target), target
     except ValueError as exc:
         raise TrackingError(str(exc)) from None
     except Exception as exc:

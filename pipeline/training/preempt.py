@@ -3,6 +3,8 @@
 Slurm sends USR1 to the batch shell before the time limit (`--signal=B:USR1@...`); the shell
 creates `<output_dir>/PREEMPT` and forwards the signal. Every rank polls both, and the ranks agree
 through one all-reduce every `preempt_check_every` steps, so they stop at the same step.
+`scancel`, a time limit and `PreemptMode=REQUEUE` send SIGTERM to every process of the job step:
+the data workers ignore it (pipeline/data/workers.py), so batches keep coming until the check.
 """
 
 from __future__ import annotations

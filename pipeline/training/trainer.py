@@ -7,13 +7,23 @@ preemption-check steps.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 import time
+import weakref
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 
-from pipeline.errors import CheckpointError, PipelineError, RecipeError, TrainingError
+from pipeline.errors import (
+    CheckpointError,
+    CollectiveTimeout,
+    PipelineError,
+    RecipeError,
+    TrainingError,
+)
 from pipeline.evaluation.metrics import TopKErrors
 from pipeline.methods import build_method, method_class
 from pipeline.models import MixNet, count_parameters
@@ -22,7 +32,9 @@ from pipeline.recipe import Recipe
 from pipeline.runs.checkpoints import (
     RECIPE_FILE,
     TrainerState,
-    latest_checkpoint,
+    checkpoint_before,
+    list_checkpoints,
+    load_newest,
     read_meta,
     read_state,
     save_checkpoint,
@@ -30,6 +42,7 @@ from pipeline.runs.checkpoints import (
 from pipeline.runs.distributed import any_rank
 from pipeline.runs.model_file import FINAL_MODEL, model_facts, read_weights, save_final_model
 from pipeline.runs.resume_check import check_resumable
+from pipeline.runs.run_lock import RunLock
 from pipeline.runs.store import run_folder
 from pipeline.runs.tracking import Tracker, resolve_tracking_uri
 from pipeline.training.curves import plot_curves
@@ -44,9 +57,7 @@ class Trainer:
 
     def __init__(self, recipe: Recipe) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, set_seed
-
-        from pipeline.data import build_loaders
+        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
         if recipe.train.output_dir is None:
             recipe = recipe.model_copy(deep=True)
@@ -55,9 +66,31 @@ class Trainer:
         cfg = recipe.train
         self.output_dir = Path(cfg.output_dir)
         unused = method_class(recipe.method.name).unused_parameters
-        ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(unused))
-        self.accelerator = Accelerator(mixed_precision=cfg.amp, cpu=cfg.cpu, kwargs_handlers=[ddp])
-        acc = self.accelerator
+        handlers = [
+            DistributedDataParallelKwargs(find_unused_parameters=bool(unused)),
+            InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.collective_timeout_minutes)),
+        ]
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.amp, cpu=cfg.cpu, kwargs_handlers=handlers
+        )
+        self.lock = _lock_run_folder(self.accelerator, self.output_dir)
+        self._release = weakref.finalize(self, self.lock.release) if self.lock else None
+        try:
+            self._build()
+        except BaseException as exc:
+            self.close()
+            failure = _collective_failure(exc, self.accelerator, self.output_dir)
+            if failure is None:
+                raise
+            raise failure from exc
+
+    def _build(self) -> None:
+        """Data, model, method, optimiser, schedule, EMA and tracker, as the recipe says."""
+        from accelerate.utils import set_seed
+
+        from pipeline.data import build_loaders
+
+        recipe, cfg, acc = self.recipe, self.recipe.train, self.accelerator
         method = build_method(recipe.method, recipe.optim.label_smoothing, acc.process_index)
         set_seed(cfg.seed, device_specific=False)
         self.loaders = build_loaders(
@@ -107,32 +140,55 @@ class Trainer:
         self.watch = PreemptionWatch(self.output_dir)
         self.last_checkpoint = time.monotonic()  # for train.checkpoint_minutes
 
+    def close(self) -> None:
+        """Free the run folder for another training (fit() does this when it ends)."""
+        if self._release is not None:
+            self._release()
+
     # ----------------------------------------------------------------- resume
     def _resume(self) -> None:
+        """Load the checkpoint `train.resume` names; of a run's, the newest one that loads (a
+        damaged newer one is reported and set aside: `load_newest`)."""
         mode = self.recipe.train.resume
         if mode == "never":
             return
         if mode == "auto":
-            folder = latest_checkpoint(self.output_dir)
-            if folder is None:
+            candidates = list_checkpoints(self.output_dir)[::-1]
+            if not candidates:
                 return  # a new run
-        else:  # a checkpoint folder, a run folder (its newest checkpoint), or an MLflow run id
+        else:  # a checkpoint folder, a run folder (its checkpoints), or an MLflow run id
             tracking = self.recipe.tracking
             uri = resolve_tracking_uri(tracking.tracking_uri)
             target = (tracking.enabled and run_folder(mode, uri, "train.resume")) or Path(mode)
-            folder = target if (target / RECIPE_FILE).is_file() else latest_checkpoint(target)
-            if folder is None:
+            is_one = (target / RECIPE_FILE).is_file()
+            candidates = [target] if is_one else list_checkpoints(target)[::-1]
+            if not candidates:
                 raise CheckpointError(f"train.resume: no checkpoint in or at {target}")
-        check_resumable(self.recipe, folder / RECIPE_FILE)
-        saved = read_meta(folder).get("architecture_version")
-        check_architecture(self.recipe.model.name, saved, folder)
-        self.accelerator.load_state(str(folder))
+
+        def resumable(folder: Path) -> None:
+            check_resumable(self.recipe, folder / RECIPE_FILE)
+            saved = read_meta(folder).get("architecture_version")
+            check_architecture(self.recipe.model.name, saved, folder)
+
+        folder = load_newest(self.accelerator, candidates, resumable, self.output_dir, self._print)
         self.state = read_state(folder)
         self._print(f"resumed from {folder} (epoch {self.state.epoch}, step {self.state.step})")
 
     # ------------------------------------------------------------------- loop
     def fit(self) -> RunSummary:
-        """Train until the recipe's epochs or max_steps, or until preempted."""
+        """Train until the recipe's epochs or max_steps, or until preempted; then free the run
+        folder. A collective that fails (a rank hung or lost) ends it with CollectiveTimeout."""
+        try:
+            return self._fit()
+        except BaseException as exc:
+            failure = _collective_failure(exc, self.accelerator, self.output_dir)
+            if failure is None:
+                raise
+            raise failure from exc
+        finally:
+            self.close()
+
+    def _fit(self) -> RunSummary:
         acc = self.accelerator
         started = time.perf_counter()
         self._resume()
@@ -158,17 +214,20 @@ class Trainer:
             with self.watch:
                 timing, preempted = self._train_epochs()
         except BaseException as exc:
-            self.tracker.end("FAILED", str(exc) if isinstance(exc, PipelineError) else None)
+            failure = _collective_failure(exc, acc, self.output_dir) or exc
+            self.tracker.end("FAILED", str(failure) if isinstance(failure, PipelineError) else None)
             raise
         if preempted:
-            self._checkpoint()
+            with self.watch:  # a second SIGTERM (another scancel) must not cut the save short
+                self._checkpoint()
             if acc.is_main_process:
                 self.watch.clear()
             self.tracker.end("KILLED")
             self._print(f"preempted at step {self.state.step}: checkpoint saved, exiting")
             return self._summary(started, timing, preempted=True)
         self.state.finished = True
-        self._checkpoint()
+        with self.watch:
+            self._checkpoint()
         self._finish()
         summary = self._summary(started, timing)
         self.tracker.log(_final_metrics(summary), self.state.step)
@@ -298,14 +357,15 @@ class Trainer:
         return msec, ips
 
     def _check_finite(self, window: _Window) -> None:
-        """Stop with the first non-finite step; the last checkpoint (saved before it) stays."""
+        """Stop with the first non-finite step, naming the newest checkpoint saved before it (not
+        simply the newest: one a resume from an older checkpoint left may be from after it)."""
         if not window.losses:
             return
         losses = torch.stack(window.losses)
         bad = any_rank(self.accelerator, ~torch.isfinite(losses))
         if bool(bad.any()):
             first = window.first_step + int(bad.nonzero()[0]) + 1
-            last = latest_checkpoint(self.output_dir)
+            last = checkpoint_before(self.output_dir, first)
             keep = f"last good checkpoint: {last}" if last else "no checkpoint was saved before it"
             raise TrainingError(
                 f"non-finite loss ({float(losses[bad.nonzero()[0]])}) at step {first} "
@@ -455,3 +515,54 @@ def _load_pretrained(model: MixNet, path: str) -> None:
             f"model.pretrained: {path} shares no backbone weights with this recipe's model"
         )
     model.load_state_dict(weights, strict=False)
+
+
+# Marker for slurm/launch.sh: a rank stopped answering, so requeue (torchrun reports exit 5 as 1).
+RANK_LOST_FILE = "RANK_LOST"
+
+
+def _lock_run_folder(accelerator, folder: Path) -> RunLock | None:
+    """The main process takes the run folder's lock (after checking it can write there); every
+    rank stops with the same exit status if it cannot."""
+    lock, failure = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = RunLock.acquire(folder)
+        except PipelineError as exc:
+            failure = exc
+    status = torch.tensor(float(failure.exit_status if failure else 0))
+    if accelerator.num_processes > 1:
+        status = status.to(accelerator.device)
+        torch.distributed.all_reduce(status, op=torch.distributed.ReduceOp.MAX)
+    if failure is not None:
+        raise failure
+    if status > 0:
+        error = PipelineError(
+            f"rank {accelerator.process_index}: stopped with rank 0 (see its error)"
+        )
+        error.exit_status = int(status)
+        raise error
+    return lock
+
+
+def _collective_failure(exc: BaseException, accelerator, folder: Path) -> CollectiveTimeout | None:
+    """A CollectiveTimeout if `exc` is a failed collective (NCCL's DistError, gloo's timeout or
+    closed connection), after leaving RANK_LOST in the run folder for the launcher; else None."""
+    if accelerator.num_processes == 1 or isinstance(exc, PipelineError):
+        return None
+    text = str(exc)
+    gloo = isinstance(exc, RuntimeError) and "gloo" in text
+    if not (isinstance(exc, torch.distributed.DistError) or gloo):
+        return None
+    lines = text.strip().splitlines()
+    # gloo prefixes its source location: "[…/unbound_buffer.cc:78] Timed out waiting …"
+    first = re.sub(r"^\[[^\]]*\]\s*", "", lines[0])[:300] if lines else type(exc).__name__
+    rank = accelerator.process_index
+    message = (
+        f"rank {rank}: a collective with the other ranks failed ({first}); a rank hung, died or "
+        f"lost its network (see train.collective_timeout_minutes). Exit 5: slurm/launch.sh "
+        f"requeues the job, which resumes from the last checkpoint"
+    )
+    with contextlib.suppress(OSError):  # the exit status still tells a one-process launcher
+        (folder / RANK_LOST_FILE).write_text(message + "\n")
+    return CollectiveTimeout(message)
