@@ -4,6 +4,8 @@ VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-stamp
 ARGS   ?=
+# pytest-xdist workers for `make test`; each test file stays in one (its fixtures are per file).
+TEST_WORKERS ?= 2
 
 .PHONY: help setup test lint demo profile compare mlflow-ui mlflow-server docker clean wheelhouse \
 	gpu-check
@@ -31,8 +33,8 @@ lint: setup ## ruff over the repository, and hadolint over docker/Dockerfile
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/hadolint docker/Dockerfile
 
-test: setup lint ## the test suite, no GPU needed (ARGS= passes pytest options)
-	$(VPY) -m pytest -q $(ARGS)
+test: setup lint ## the test suite, no GPU needed, in TEST_WORKERS processes (ARGS= passes pytest options)
+	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 demo: setup ## train baseline, AlignMixup and AlignMixup/AE on the digits (CPU, under 2 minutes)
 	$(VPY) -m pipeline demo $(ARGS)
