@@ -45,12 +45,15 @@ profile: setup ## msec/batch of every method, interleaved (ARGS="--size 224 key=
 compare: setup ## table and plots of an MLflow experiment (ARGS="--experiment demo")
 	$(VPY) -m pipeline compare $(ARGS)
 
-mlflow-ui: setup ## the MLflow UI for the local store on http://127.0.0.1:5000
-	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port $${PORT:-5000} \
+mlflow-ui: setup ## the MLflow UI (one worker) on http://127.0.0.1:$PORT (PORT=5000, MLFLOW_TRACKING_URI)
+	@echo "MLflow UI for $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} on http://127.0.0.1:$${PORT:-5000}"
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
+	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port $${PORT:-5000} --workers 1 \
 		--backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
 
 mlflow-server: setup ## a tracking server for a lab (MLFLOW_HOST, MLFLOW_PORT, MLFLOW_BACKEND)
 	@mkdir -p mlflow-server
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
 	$(VENV)/bin/mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \
 		--backend-store-uri $(MLFLOW_BACKEND) --artifacts-destination $(MLFLOW_ARTIFACTS)
 

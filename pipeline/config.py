@@ -187,7 +187,15 @@ class TrainConfig(Section):
         "with exit 5 (requeued by slurm/launch.sh): a hung or lost rank frees the allocation",
     )
     cpu: bool = False
-    progress: bool = True
+    progress: bool = Field(
+        True, description="main process: a tqdm bar on a terminal, else a line every log_seconds"
+    )
+    log_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="without a terminal (Slurm): seconds between progress lines (epoch, step, "
+        "loss, lr, img/s, the run's ETA); one at each epoch's end too",
+    )
     grad_accum_steps: int = Field(
         1,
         ge=1,

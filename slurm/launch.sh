@@ -15,7 +15,8 @@
 #                        a run continues where it stopped until its recipe is done)
 #   DATA_ROOT            dataset root, passed as data.root          [the recipe's]
 #   PRETRAINED           weights to start from, model.pretrained    [the recipe's]
-#   MLFLOW_TRACKING_URI  MLflow store                     [sqlite:///$OUTPUT_ROOT/mlflow.db]
+#   MLFLOW_TRACKING_URI  MLflow store     [sqlite:///$PIPELINE_ROOT/mlflow.db: the checkout's, which
+#                                         `make demo`, `make compare` and `make mlflow-ui` use]
 #   EXTRA_OVERRIDES      more key=value recipe overrides, space-separated, applied last   []
 #   GPUS_PER_NODE        [Slurm's $SLURM_GPUS_ON_NODE, else $SLURM_GPUS_PER_NODE, else 0 (CPU)]
 #   MAIN_ADDR            rendezvous address                         [NodeAddr of the first node]
@@ -57,7 +58,7 @@ resolve_settings() {
     fi
     OUTPUT_ROOT=${OUTPUT_ROOT:-$ROOT/runs}
     OUTPUT_DIR=${OUTPUT_DIR:-$OUTPUT_ROOT/$RUN_NAME}
-    export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$OUTPUT_ROOT/mlflow.db}
+    export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$ROOT/mlflow.db}
     NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
     local gpus=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}}
     GPUS=${gpus##*:} # a typed request such as "a100:8" counts 8
@@ -262,7 +263,7 @@ main() {
     START_CHECKPOINT=$(latest_checkpoint)
     echo "launch.sh: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $NNODES node(s)" \
         "x $GPUS GPU(s), $NPROC process(es); output $OUTPUT_DIR;" \
-        "resuming from ${START_CHECKPOINT:-nothing}"
+        "resuming from ${START_CHECKPOINT:-nothing}; MLflow store $MLFLOW_TRACKING_URI"
     echo "launch.sh: $(printf '%q ' "${CMD[@]}")"
     "${CMD[@]}" &
     SRUN_PID=$!

@@ -41,8 +41,9 @@ class MlflowServer:
             "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1",
         ]  # fmt: skip
         log = open(self.root / "server.log", "ab")  # noqa: SIM115  (the server keeps it)
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # as the Makefile's
         self.proc = subprocess.Popen(
-            command, stdout=log, stderr=log, start_new_session=True, cwd=self.root
+            command, stdout=log, stderr=log, start_new_session=True, cwd=self.root, env=env
         )
         log.close()
         deadline = time.time() + timeout

@@ -138,10 +138,11 @@ def test_plots_and_compare_run_are_reused(store, tmp_path):
         assert files[kind].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(EXPERIMENT)
-    runs = client.search_runs([exp.experiment_id])
-    compare_runs = [r for r in runs if r.data.tags.get("mlflow.runName") == "compare"]
-    assert len(compare_runs) == 1 and len(runs) == len(RUNS) + 1
-    logged = {a.path for a in client.list_artifacts(compare_runs[0].info.run_id, "compare")}
+    assert len(client.search_runs([exp.experiment_id])) == len(RUNS)  # the training runs only
+    (compare_run,) = client.search_runs(
+        [client.get_experiment_by_name(f"{EXPERIMENT}/compare").experiment_id]
+    )
+    logged = {a.path for a in client.list_artifacts(compare_run.info.run_id, "compare")}
     assert logged == {f"compare/{p.name}" for p in files.values()}
     # the compare run is not a row of its own table
     assert len(_read_csv(files["csv"])) == len(RUNS)
@@ -165,7 +166,8 @@ def test_cli_prints_markdown_or_names_the_missing_experiment(store, tmp_path, ca
     argv = ["compare", "--tracking-uri", uri, "--output-dir", str(tmp_path), "--no-mlflow"]
     assert main([*argv, "--experiment", EXPERIMENT]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert _cells(lines[0])[:2] == ["run", "method"]
+    assert lines[0] == f"MLflow store: {uri}"  # which store it read, first
+    assert _cells(lines[1])[:2] == ["run", "method"]
     assert any(_cells(line)[:2] == ["align-run", "alignmixup"] for line in lines)
     assert main([*argv, "--experiment", "typo"]) == 2
     assert "experiment 'typo' not found" in capsys.readouterr().err

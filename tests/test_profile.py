@@ -94,10 +94,11 @@ def test_mlflow_run_holds_the_table(profiled):
         assert run.data.metrics[f"{r['method']}/msec_per_batch"] == r["msec_per_batch"]
         assert run.data.metrics[f"{r['method']}/params"] == r["params"]
     assert run.data.params["model"] == "test_resnet"
+    dirty = run.data.tags["pipeline.git.dirty"] == "true"  # then the diff is logged as code/
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
         "profile.md",
         "profile.json",
-    }
+    } | ({"code"} if dirty else set())
     text = (Path(client.download_artifacts(run.info.run_id, "profile.md"))).read_text()
     assert "paper × baseline" in text  # the Table 2 comparison is in the logged table
 

@@ -3,6 +3,7 @@ NaN losses, bad input, and a real two-process gloo DDP run."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import socket
@@ -396,6 +397,12 @@ def test_two_process_gloo_ddp_ends_with_identical_parameters(
     for key in ("classifier.weight", "decoder.net.0.0.weight", "stages.0.0.0.0.weight"):
         assert not torch.equal(rank0[key], initial[key]), key
     assert (tmp_path / "run" / FINAL_MODEL).is_file()
+    # The run's tags name the world and the hosts of both ranks (one host here, named once).
+    journal = (tmp_path / "run" / "tracking" / "journal.jsonl").read_text().splitlines()
+    start = json.loads(journal[0])
+    assert start["kind"] == "start"
+    assert start["tags"]["pipeline.world_size"] == "2"
+    assert start["tags"]["pipeline.hosts"] == socket.gethostname()
 
 
 @pytest.mark.parametrize(("minutes", "steps"), [(None, [23, 46]), (1000.0, [46])])

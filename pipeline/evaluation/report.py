@@ -58,8 +58,8 @@ def log_results(
     In a run folder the results join the run's journal (artifacts copied beside it) and are sent
     at once; if MLflow does not answer they wait there for the next `sync-tracking`, like the
     run's own metrics. For a model file outside its run folder they are logged directly (into
-    the checkpoint's run if the store has it, else a linked evaluation run); a failure is a
-    warning, and the results are printed either way.
+    the checkpoint's run if the store has it, else a linked evaluation run carrying this
+    process's provenance); a failure is a warning, and the results are printed either way.
     """
     if not recipe.tracking.enabled:
         return "tracking.enabled is false: not logged to MLflow"
@@ -103,6 +103,7 @@ def _into_journal(folder, recipe, facts, metrics, artifacts, artifact_path) -> s
 def _direct(recipe, run_id, checkpoint, metrics, artifacts, artifact_path) -> str:
     import mlflow
 
+    from pipeline.runs import provenance
     from pipeline.runs.tracking import (
         DESCRIPTION_TAG,
         UNITS_NOTE,
@@ -113,11 +114,14 @@ def _direct(recipe, run_id, checkpoint, metrics, artifacts, artifact_path) -> st
     uri = resolve_tracking_uri(recipe.tracking.tracking_uri)
     mlflow.set_tracking_uri(uri)
     found = _existing_run(run_id)
+    diff = None  # the code's diff, for a new run only (the training run has its own)
     if found is not None:
         run = mlflow.start_run(run_id=found)
     else:
         mlflow.set_experiment(experiment_id=experiment_id(recipe.tracking.experiment, uri))
+        diff = provenance.git_diff()
         tags = {
+            **provenance.run_tags(diff),
             "pipeline.checkpoint": str(checkpoint),
             "pipeline.kind": "evaluation",
             DESCRIPTION_TAG: UNITS_NOTE,
@@ -126,6 +130,8 @@ def _direct(recipe, run_id, checkpoint, metrics, artifacts, artifact_path) -> st
             tags["pipeline.source_run_id"] = run_id
         run = mlflow.start_run(run_name=f"{recipe.name}-eval", tags=tags)
     with run:
+        if diff:
+            mlflow.log_text(diff, f"{provenance.DIFF_FOLDER}/{provenance.DIFF_FILE}")
         mlflow.log_metrics(metrics)
         for path in artifacts:
             mlflow.log_artifact(str(path), artifact_path=artifact_path)

@@ -247,6 +247,7 @@ def save_checkpoint(
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
+            follow_umask(*tmp.glob("*.safetensors"))  # the model weights, written 0600
             (tmp / RECIPE_FILE).write_text(dump_recipe(recipe))
             _write_json_atomic(tmp / META_FILE, meta)
             _write_json_atomic(tmp / STATE_FILE, asdict(state))
@@ -347,6 +348,27 @@ def checkpoint_weights(folder: Path) -> dict[str, torch.Tensor]:
         if key.startswith("model."):
             weights[key.removeprefix("model.")] = value
     return weights
+
+
+def file_mode() -> int:
+    """The mode a new file gets under this process's umask (0o644 under 022, 0o640 under 027)."""
+    try:  # Linux 4.7+: read it without changing it (os.umask sets it, racing other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def follow_umask(*paths: Path) -> None:
+    """Give files the mode the umask asks for: safetensors writes its files 0600, which on a
+    shared filesystem hides a lab's models from the lab."""
+    mode = file_mode()
+    for path in paths:
+        os.chmod(path, mode)
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:

@@ -27,6 +27,7 @@ from pipeline.runs.checkpoints import (
     TrainerState,
     checkpoint_weights,
     error_cause,
+    follow_umask,
     read_meta,
     read_state,
     storage_error,
@@ -81,6 +82,7 @@ def save_final_model(
     tmp = path.with_name(f".tmp-{path.name}")
     try:
         save_file(weights, str(tmp), metadata={_HEADER_KEY: json.dumps(header)})
+        follow_umask(tmp)  # safetensors writes 0600: labmates could not read the model
         os.replace(tmp, path)
     except (OSError, SafetensorError) as exc:
         tmp.unlink(missing_ok=True)

@@ -29,6 +29,7 @@ SAFE_KEYS = frozenset(
         "train.preempt_check_every",
         "train.collective_timeout_minutes",
         "train.progress",
+        "train.log_seconds",
         "train.resume",
         "train.output_dir",
         "data.root",

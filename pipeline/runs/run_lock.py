@@ -64,7 +64,7 @@ class RunLock:
         check_writable(folder)
         path = folder / LOCK_FILE
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides
         except OSError as exc:
             raise StorageError(f"{path}: cannot open the run's lock ({exc.strerror})") from exc
         try:

@@ -83,19 +83,23 @@ def _params(values: dict[str, Any]):
 
 
 def _send_start(client, entry: dict, state: SendState, folder: Path) -> None:
+    from pipeline.runs.provenance import DIFF_FOLDER, source_tags
     from pipeline.runs.tracking import experiment_id
 
     if state.run_id is None:
         exp = experiment_id(entry["experiment"], state.uri)
-        run = client.create_run(
-            exp, start_time=entry["time"], tags=entry["tags"], run_name=entry["name"]
-        )
+        tags = entry["tags"]
+        if "source" in entry:  # MLflow's source tags; journals written before them have none
+            tags = {**source_tags(entry["source"]), **tags}
+        run = client.create_run(exp, start_time=entry["time"], tags=tags, run_name=entry["name"])
         state.run_id = run.info.run_id
         state.write(folder)  # before anything else: a retry must not create a second run
     params = _params(entry["params"])
     for i in range(0, len(params), _PARAMS_PER_CALL):
         client.log_batch(state.run_id, params=params[i : i + _PARAMS_PER_CALL])
     client.log_text(state.run_id, entry["recipe"], "recipe.yaml")
+    if entry.get("code_diff") and Path(entry["code_diff"]).is_file():  # a dirty tree's diff
+        client.log_artifact(state.run_id, entry["code_diff"], artifact_path=DIFF_FOLDER)
 
 
 def _send_metrics(client, run_id: str, entries: list[dict]) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline.errors import TrackingError
 from pipeline.recipe import Recipe, dump_recipe
+from pipeline.runs import provenance
 from pipeline.runs.journal import FILE, Journal, read_entries
 from pipeline.runs.sender import SendState, pending_bytes, send_pending
 
@@ -178,13 +179,21 @@ class Tracker:
         self._delivery: _Delivery | None = None
         self._system = None
 
+    def where(self) -> str:
+        """One line for the run's start: the MLflow store and experiment it logs to, or none."""
+        if not self.cfg.enabled:
+            return f"MLflow: off (tracking.enabled=false); the journal is {self.folder / FILE}"
+        return f"MLflow store: {absolute_uri(self.uri)} (experiment {self.cfg.experiment!r})"
+
     @property
     def run_id(self) -> str | None:
         """The MLflow run, once the journal's start has reached MLflow."""
         return recorded_run_id(self.folder.parent) if self.enabled else None
 
-    def start(self, extra_params: dict[str, Any]) -> None:
-        """Open the journal (a new run, or a resumed one) and start delivering it."""
+    def start(self, extra_params: dict[str, Any], hosts: list[str] | None = None) -> None:
+        """Open the journal (a new run with its provenance, provenance.py, `hosts` those of all
+        ranks; or a resumed one, which keeps the provenance it started with) and start delivering
+        it."""
         if not self.enabled:
             return
         if self.cfg.enabled and self.cfg.required:
@@ -200,15 +209,20 @@ class Tracker:
             import mlflow.tracking  # noqa: F401
         self.journal = Journal(self.folder)
         if self.journal.empty():
+            diff = provenance.git_diff()
+            world_size = int(extra_params.get("world_size", 1))
             self.journal.append(
                 "start",
                 name=self.cfg.run_name or self.recipe.name,
                 experiment=self.cfg.experiment,
                 tags={
+                    **provenance.pipeline_tags(diff, world_size, hosts),
                     "method": self.recipe.method.name,
                     "model": self.recipe.model.name,
                     DESCRIPTION_TAG: UNITS_NOTE,
                 },
+                source=provenance.source(),  # MLflow's source tags, named by the sender
+                code_diff=self._keep_diff(diff),  # sent as code/git_diff.patch
                 params={**self.recipe.flat(), **extra_params},
                 recipe=dump_recipe(self.recipe),
                 tracking_uri=absolute_uri(self.uri),  # where `sync-tracking` sends it later
@@ -224,6 +238,18 @@ class Tracker:
             self._delivery = _Delivery(self.folder, self.uri, self.journal.path)
             self._delivery.start()
             self._delivery.wake.set()
+
+    def _keep_diff(self, diff: str | None) -> str | None:
+        """A dirty tree's diff written beside the journal; its path, None if clean or unwritten."""
+        if not diff:
+            return None
+        patch = self.folder / provenance.DIFF_FILE
+        try:
+            patch.write_text(diff)
+        except OSError as exc:  # tracking never stops training: the run goes on without it
+            _say(f"tracking: {patch} not written ({exc}); the run's diff is not kept")
+            return None
+        return str(patch.resolve())
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.journal is not None and metrics:

@@ -1,10 +1,11 @@
 """`python -m pipeline compare`: the runs of one MLflow experiment side by side.
 
 Writes `comparison.md`, `comparison.csv`, `val_curves.png` and `error_vs_time.png` to the output
-folder and logs them as artifacts of one run named `compare` in the same experiment (tagged
-`pipeline.kind=compare`, reused on every re-run, never a table row), so the comparison sits
-beside the runs it compares in the MLflow UI. `--runs DIR ...` compares run folders from their
-tracking journals instead, without MLflow (runs trained with `tracking.enabled: false`).
+folder and logs them as artifacts of one run named `compare` in the experiment
+`<experiment>/compare` (created on first use; the run is tagged `pipeline.kind=compare` and
+reused on every re-run), so the comparison stays out of the training runs' table and charts.
+`--runs DIR ...` compares run folders from their tracking journals instead, without MLflow
+(runs trained with `tracking.enabled: false`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
-    from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
 VAL_METRIC = "val/top1_err"
@@ -50,18 +50,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_command)
 
 
-def _compare_run_id(client: MlflowClient, experiment_id: str, runs: list[Run]) -> str:
-    """The experiment's compare run, created on first use so re-runs add no new rows."""
-    from pipeline.runs.tracking import DESCRIPTION_TAG, UNITS_NOTE
+def compare_experiment(experiment: str) -> str:
+    """The experiment that holds `experiment`'s compare run, apart from the runs it compares."""
+    return f"{experiment}/compare"
+
+
+def _compare_run_id(client: MlflowClient, experiment: str, uri: str) -> str:
+    """The compare run of `experiment`, created on first use so that re-runs add no runs; a
+    reused one gets this run's provenance (commit, diff, command) with its new artifacts."""
+    from pipeline.runs import provenance, store
+    from pipeline.runs.tracking import DESCRIPTION_TAG, UNITS_NOTE, experiment_id
     from pipeline.tools.runs_table import COMPARE_TAG, COMPARE_VALUE, is_compare_run
 
-    existing = [r for r in runs if is_compare_run(r)]
+    exp_id = experiment_id(compare_experiment(experiment), uri)
+    existing = [r for r in store.all_runs(client, exp_id) if is_compare_run(r)]
     if existing:
-        return existing[-1].info.run_id
-    tags = {COMPARE_TAG: COMPARE_VALUE, DESCRIPTION_TAG: UNITS_NOTE}
-    run = client.create_run(experiment_id, run_name="compare", tags=tags)
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+        run = existing[-1]
+        dirty = run.data.tags.get(provenance.DIRTY_TAG) == "true"
+        provenance.refresh(client, run.info.run_id, dirty_before=dirty)
+        return run.info.run_id
+    tags = {
+        COMPARE_TAG: COMPARE_VALUE,
+        "pipeline.compared_experiment": experiment,
+        DESCRIPTION_TAG: UNITS_NOTE,
+    }
+    run_id = provenance.new_run(client, exp_id, "compare", tags)
+    client.set_terminated(run_id)
+    return run_id
 
 
 def write_comparison(
@@ -96,8 +111,8 @@ def compare(
 
     uri = resolve_tracking_uri(tracking_uri)
     client, exp = store.open_experiment(experiment, uri)
-    runs = store.all_runs(client, exp.experiment_id)
-    rows = runs_table.build_rows(runs)
+    # build_rows leaves out the compare runs that earlier versions logged into `experiment`
+    rows = runs_table.build_rows(store.all_runs(client, exp.experiment_id))
     if not rows:
         raise PipelineError(f"MLflow experiment {experiment!r} in {uri} has no runs to compare")
     curves = {
@@ -107,7 +122,7 @@ def compare(
     files = write_comparison(rows, curves, output_dir)
     if log:
         try:
-            run_id = _compare_run_id(client, exp.experiment_id, runs)
+            run_id = _compare_run_id(client, experiment, uri)
             for path in files.values():
                 client.log_artifact(run_id, str(path), artifact_path="compare")
         except Exception as exc:  # the files are written; MLflow only gets a copy
@@ -139,6 +154,9 @@ def run_command(args: argparse.Namespace) -> int:
     if args.runs:
         files = compare_folders(args.runs, args.output_dir)
     else:
+        from pipeline.runs.tracking import absolute_uri, resolve_tracking_uri
+
+        print(f"MLflow store: {absolute_uri(resolve_tracking_uri(args.tracking_uri))}", flush=True)
         files = compare(args.experiment, args.output_dir, args.tracking_uri, not args.no_mlflow)
     print(files["markdown"].read_text(), end="")
     print("\nwrote " + ", ".join(str(p) for p in files.values()))

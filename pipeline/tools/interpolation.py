@@ -107,7 +107,9 @@ def fit_decoder(
     rng = torch.Generator().manual_seed(seed)
     losses = []
     with torch.enable_grad():
-        for _ in tqdm(range(steps), desc="fit decoder", disable=not progress, leave=False):
+        for _ in tqdm(
+            range(steps), desc="fit decoder", disable=None if progress else True, leave=False
+        ):
             pick = torch.randint(0, len(images), (min(batch_size, len(images)),), generator=rng)
             loss = torch.nn.functional.mse_loss(decoder(e[pick]), images[pick])
             opt.zero_grad(set_to_none=True)

@@ -234,19 +234,19 @@ def describe(settings) -> str:
 
 
 def log_to_mlflow(records: list[dict], table: str, settings, experiment: str, uri: str) -> str:
-    """One run in `experiment`: settings as params, metrics per method, table and JSON as files."""
+    """One run in `experiment`: settings as params, metrics per method, table and JSON as files,
+    with the run's provenance (provenance.py)."""
     import tempfile
     from dataclasses import asdict
 
+    from pipeline.runs.provenance import new_run
     from pipeline.runs.store import open_client
     from pipeline.runs.tracking import DESCRIPTION_TAG, UNITS_NOTE, experiment_id
 
     client = open_client(uri)
     exp_id = experiment_id(experiment, uri)
     name = f"profile-{settings.model}-{settings.device}-{settings.size}px"
-    run_id = client.create_run(
-        exp_id, run_name=name, tags={DESCRIPTION_TAG: UNITS_NOTE}
-    ).info.run_id
+    run_id = new_run(client, exp_id, name, {DESCRIPTION_TAG: UNITS_NOTE})
     for key, value in asdict(settings).items():
         client.log_param(run_id, key, ",".join(value) if isinstance(value, list) else value)
     for r in records:

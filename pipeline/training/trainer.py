@@ -39,7 +39,8 @@ from pipeline.runs.checkpoints import (
     read_state,
     save_checkpoint,
 )
-from pipeline.runs.distributed import any_rank
+from pipeline.runs.distributed import all_hosts, any_rank
+from pipeline.runs.journal import read_run
 from pipeline.runs.model_file import FINAL_MODEL, model_facts, read_weights, save_final_model
 from pipeline.runs.resume_check import check_resumable
 from pipeline.runs.run_lock import RunLock
@@ -48,6 +49,7 @@ from pipeline.runs.tracking import Tracker, resolve_tracking_uri
 from pipeline.training.curves import plot_curves
 from pipeline.training.optim import build_optimizer, build_schedule, scaled_lr
 from pipeline.training.preempt import PreemptionWatch
+from pipeline.training.progress import RunProgress, progress_mode
 from pipeline.training.step import MethodRunner, step_generator, train_step
 from pipeline.training.summary import RunSummary
 
@@ -191,6 +193,7 @@ class Trainer:
     def _fit(self) -> RunSummary:
         acc = self.accelerator
         started = time.perf_counter()
+        self._print(self.tracker.where())
         self._resume()
         if self.state.finished and self.state.step < self.total_steps:
             self.state.finished = False  # train.epochs or max_steps raised: train on
@@ -199,14 +202,16 @@ class Trainer:
         if self.state.finished:
             self._print(f"run in {self.output_dir} already finished; nothing to do")
             self.tracker.deliver_leftovers()
-            return self._summary(started, timing=None)
+            self.last_val, timing = _recorded_results(self.tracker.folder)
+            return self._summary(started, timing)
         self.tracker.start(
             {
                 "num_params": self.num_params,
                 "world_size": acc.num_processes,
                 "lr_scaled": self.base_lr,
                 "steps_per_epoch": self.steps_per_epoch,
-            }
+            },
+            hosts=all_hosts(acc),
         )
         if self.loaders.skipped:
             self.tracker.log({"data/skipped_files": float(len(self.loaders.skipped))}, 0)
@@ -237,16 +242,23 @@ class Trainer:
     def _train_epochs(self) -> tuple[tuple[float, float] | None, bool]:
         acc, cfg = self.accelerator, self.recipe.train
         timing: tuple[float, float] | None = None
+        progress = RunProgress(
+            self.recipe.name,
+            self.total_steps,
+            self.steps_per_epoch,
+            self.recipe.data.batch_size * acc.num_processes,
+            cfg.log_seconds,
+            progress_mode(acc.is_main_process and cfg.progress),
+            time.perf_counter(),
+            write=self._print,
+        )
         while self.state.step < self.total_steps:
-            epoch = self.state.epoch
             loader = self.loaders.train
-            loader.set_epoch(epoch, start_step=self.state.step_in_epoch)
+            loader.set_epoch(self.state.epoch, start_step=self.state.step_in_epoch)
             remaining = min(
                 self.steps_per_epoch - self.state.step_in_epoch, self.total_steps - self.state.step
             )
-            epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-            desc = f"{self.recipe.name} epoch {epoch + 1}/{epochs}"
-            progress = _progress(remaining, desc, acc.is_main_process and cfg.progress)
+            progress.start_epoch(self.state.epoch, remaining, time.perf_counter())
             window = _Window(self.state.step)
             for images, labels in loader:
                 micro_batches, last_micro = self._accumulation_window()
@@ -272,7 +284,7 @@ class Trainer:
                     self.ema.update(self.model)
                 self.state.step += 1
                 self.state.step_in_epoch += 1
-                progress.update(1)
+                progress.step(self.state.step, time.perf_counter())
                 if self.state.step % cfg.log_every == 0:
                     timing = self._log_window(window, progress) or timing
                     window = _Window(self.state.step)
@@ -294,8 +306,8 @@ class Trainer:
                     or self.state.step_in_epoch >= self.steps_per_epoch
                 ):
                     break
-            progress.close()
-            timing = self._log_window(window, None) or timing
+            timing = self._log_window(window, progress) or timing
+            progress.end_epoch(time.perf_counter())
             epoch_done = self.state.step_in_epoch >= self.steps_per_epoch
             if epoch_done:
                 self.state.epoch += 1
@@ -331,8 +343,9 @@ class Trainer:
         return self.state.step // every > (self.state.step - micro_batches) // every
 
     # --------------------------------------------------------------- logging
-    def _log_window(self, window: _Window, progress) -> tuple[float, float] | None:
-        """Log the mean loss and speed of the steps since the last log; sync once here."""
+    def _log_window(self, window: _Window, progress: RunProgress) -> tuple[float, float] | None:
+        """Log the mean loss and speed of the steps since the last log; sync once here. At the
+        global step, with `train/epoch` (step / steps per epoch): val/* are logged per epoch."""
         if not window.losses:
             return None
         self._check_finite(window)
@@ -342,18 +355,19 @@ class Trainer:
         n = len(window.losses)
         msec = 1e3 * elapsed / n
         ips = n * self.recipe.data.batch_size * self.accelerator.num_processes / elapsed
+        lr = self.optimizer.param_groups[0]["lr"]
         self.tracker.log(
             {
                 "train/loss": mean_loss,
-                "train/lr": self.optimizer.param_groups[0]["lr"],
+                "train/lr": lr,
+                "train/epoch": self.state.step / self.steps_per_epoch,
                 "perf/msec_per_batch": msec,
                 "perf/images_per_s": ips,
                 **window.stat_means(),
             },
             self.state.step,
         )
-        if progress is not None:
-            progress.set_postfix(loss=f"{mean_loss:.3f}", ms=f"{msec:.0f}")
+        progress.note(mean_loss, lr)
         return msec, ips
 
     def _check_finite(self, window: _Window) -> None:
@@ -498,10 +512,20 @@ def _final_metrics(summary: RunSummary) -> dict[str, float]:
     return {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+def _recorded_results(
+    folder: Path,
+) -> tuple[tuple[float | None, float | None], tuple[float, float] | None]:
+    """A finished run's (top-1, top-5 error) and (ms/batch, img/s) as its journal (`folder`, its
+    tracking folder) last recorded them; None for what it did not record."""
+    try:
+        metrics = read_run(folder).metrics
+    except ValueError:  # no journal, or no start in it
+        return (None, None), None
+    top1, top5 = (
+        metrics.get(f"final/{key}", metrics.get(f"val/{key}")) for key in ("top1_err", "top5_err")
+    )
+    msec, ips = metrics.get("perf/msec_per_batch"), metrics.get("perf/images_per_s")
+    return (top1, top5), (None if msec is None or ips is None else (msec, ips))
 
 
 def _load_pretrained(model: MixNet, path: str) -> None:
