@@ -32,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.mixing import align_mix, sinkhorn, squared_cost  # noqa: E402
+from pipeline.mixing import SinkhornOptions, align_mix, sinkhorn, squared_cost  # noqa: E402
 from tests.authors_reference import authors_sinkhorn  # noqa: E402
 
 IMPLEMENTATIONS = ("authors", "pipeline")
@@ -96,10 +96,10 @@ def run_one(impl: str, batch: int, channels: int, side: int, repeats: int, devic
     cost = squared_cost(a.flatten(2).transpose(1, 2), a_partner.flatten(2).transpose(1, 2))
     mean_cost = cost.mean().item()
     if impl == "pipeline":
-        iterations = sinkhorn(cost, mode="authors").iterations
+        iterations = sinkhorn(cost, SinkhornOptions(mode="authors")).iterations
 
         def step() -> torch.Tensor:
-            return align_mix(a, a_partner, 0.3, 0, mode="authors")
+            return align_mix(a, a_partner, 0.3, 0, SinkhornOptions(mode="authors"))
 
     else:
         iterations = 0
@@ -148,7 +148,7 @@ def agreement(channels: int, side: int, device: str) -> float:
     """Largest |pipeline − authors| over max |authors| on a batch of 8 (same plan rule)."""
     a, a_partner = make_features(8, channels, side, device)
     expected, _ = authors_align_mix(a, a_partner, 0.3, 0)
-    got = align_mix(a, a_partner, 0.3, 0, mode="authors")
+    got = align_mix(a, a_partner, 0.3, 0, SinkhornOptions(mode="authors"))
     return ((got - expected).abs().max() / expected.abs().max()).item()
 
 

@@ -28,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.mixing import align  # noqa: E402
+from pipeline.mixing import SinkhornOptions, align  # noqa: E402
 from pipeline.models.backbone import MixNet  # noqa: E402
 from pipeline.runs.table import format_table  # noqa: E402
 from tests.photos import photo_batch  # noqa: E402
@@ -65,9 +65,9 @@ def main() -> None:
     perm = torch.roll(torch.arange(args.batch), 1).to(args.device)
     rows = []
     for mode in ("authors", "converged"):
-        plan = align(reference, reference[perm], mode=mode)
+        plan = align(reference, reference[perm], SinkhornOptions(mode=mode))
         for name, a in variants.items():
-            moved = (align(a, a[perm], mode=mode) - plan).abs()
+            moved = (align(a, a[perm], SinkhornOptions(mode=mode)) - plan).abs()
             rows.append(
                 [
                     mode,

@@ -144,12 +144,12 @@ def count_steps(
 
 def count_solve(backend: str, batch: int = 128, side: int = 49) -> tuple[int, int]:
     """(ops, kernel ops) of one `sinkhorn` call, authors' mode, on a (batch, side, side) cost."""
-    from pipeline.mixing import sinkhorn
+    from pipeline.mixing import SinkhornOptions, sinkhorn
 
     cost = torch.empty(batch, side, side, device="meta")
     counter = OpCounter()
     with counter:
-        sinkhorn(cost, mode="authors", host_checks=False, backend=backend)
+        sinkhorn(cost, SinkhornOptions(mode="authors", host_checks=False, backend=backend))
     return counter.total, counter.kernels
 
 
@@ -164,8 +164,9 @@ VARIANTS = {
 def method_list() -> list[tuple[str, str, tuple[str, ...]]]:
     """(label, method, extra overrides) for every registered method and the aligned variant."""
     from pipeline.methods import method_names
+    from pipeline.tools.method_order import ordered_methods
 
-    rows = [(name, name, ()) for name in method_names()]
+    rows = [(name, name, ()) for name in ordered_methods(method_names())]
     return rows + [(label, m, extra) for label, (m, extra) in VARIANTS.items()]
 
 

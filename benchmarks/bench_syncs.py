@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.methods import method_names  # noqa: E402
 from pipeline.runs.table import format_table  # noqa: E402
+from pipeline.tools.method_order import ordered_methods  # noqa: E402
 
 
 def _project_frame(stack: list[traceback.FrameSummary]) -> str:
@@ -49,7 +50,7 @@ def step_syncs(method_name: str, steps: int, batch: int) -> Counter:
     from pipeline.methods import build_method
     from pipeline.recipe import load_recipe
     from pipeline.training.optim import build_optimizer
-    from pipeline.training.step import MethodRunner, step_generator, train_step
+    from pipeline.training.step import MethodRunner, StepSettings, step_generator, train_step
 
     AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(mixed_precision="bf16")
@@ -62,8 +63,10 @@ def step_syncs(method_name: str, steps: int, batch: int) -> Counter:
     x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device="cuda")
 
+    settings = StepSettings(channels_last=True)
+
     def run(step: int) -> None:
-        train_step(accelerator, runner, optimizer, x, y, step_generator(0, step), None, True)
+        train_step(accelerator, runner, optimizer, x, y, step_generator(0, step), settings)
 
     for s in range(2):  # warm-up: cuDNN autotuning and allocations are not the step's
         run(s)
@@ -110,15 +113,19 @@ def solver_times(batch: int = 128) -> dict[str, float]:
     """Median ms per `sinkhorn` call (authors' mode, 100 iterations) for each way it can run:
     the eager loop with and without host checks, the fused Triton op, and the eager loop
     captured once as a CUDA graph and replayed; and how far the fused plan is from the eager."""
-    from pipeline.mixing import sinkhorn, squared_cost
+    from pipeline.mixing import SinkhornOptions, sinkhorn, squared_cost
 
     g = torch.Generator(device="cuda").manual_seed(0)
     a = torch.relu(torch.randn(batch, 49, 2048, device="cuda", generator=g) * 0.9)
     cost = squared_cost(a, a.roll(1, 0))
     ways = {
-        "eager_host_checks_ms": lambda: sinkhorn(cost, backend="eager", host_checks=True),
-        "eager_device_exit_ms": lambda: sinkhorn(cost, backend="eager", host_checks=False),
-        "fused_triton_ms": lambda: sinkhorn(cost, backend="triton"),
+        "eager_host_checks_ms": lambda: sinkhorn(
+            cost, SinkhornOptions(backend="eager", host_checks=True)
+        ),
+        "eager_device_exit_ms": lambda: sinkhorn(
+            cost, SinkhornOptions(backend="eager", host_checks=False)
+        ),
+        "fused_triton_ms": lambda: sinkhorn(cost, SinkhornOptions(backend="triton")),
     }
     for way in ways.values():  # warm-up: Triton compiles, the allocator settles
         for _ in range(3):
@@ -128,15 +135,15 @@ def solver_times(batch: int = 128) -> dict[str, float]:
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up on a side stream before capture, as torch asks
         for _ in range(3):
-            sinkhorn(static, backend="eager", host_checks=False)
+            sinkhorn(static, SinkhornOptions(backend="eager", host_checks=False))
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        sinkhorn(static, backend="eager", host_checks=False)
+        sinkhorn(static, SinkhornOptions(backend="eager", host_checks=False))
     graph.replay()
     torch.cuda.synchronize()
-    eager = sinkhorn(cost, backend="eager", host_checks=True).plan
-    fused = sinkhorn(cost, backend="triton").plan
+    eager = sinkhorn(cost, SinkhornOptions(backend="eager", host_checks=True)).plan
+    fused = sinkhorn(cost, SinkhornOptions(backend="triton")).plan
     times = {name: _median_ms(way) for name, way in ways.items()}
     times["eager_cuda_graph_ms"] = _median_ms(graph.replay)
     times["fused_vs_eager_max_abs_diff_rel"] = float(
@@ -149,7 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--methods", default=",".join(method_names()))
+    parser.add_argument("--methods", default=",".join(ordered_methods(method_names())))
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     if not torch.cuda.is_available():

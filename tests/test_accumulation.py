@@ -15,7 +15,7 @@ import torch
 from pipeline.methods import build_method
 from pipeline.recipe import load_recipe
 from pipeline.training.optim import build_optimizer
-from pipeline.training.step import MethodRunner, step_generator, train_step
+from pipeline.training.step import MethodRunner, MicroBatch, step_generator, train_step
 
 B = 8
 TINY = ["model.name=test_resnet", "model.output_stride=8", "model.channels_last=false"]
@@ -52,7 +52,9 @@ def test_two_micro_batches_make_the_step_of_their_mean_loss(accelerator, method_
     model, opt = fresh()
     runner, opt = accelerator.prepare(MethodRunner(model, method), opt)
     for i, (xb, yb, s) in enumerate(halves):
-        train_step(accelerator, runner, opt, xb, yb, step_generator(0, s), None, False, 2, i == 1)
+        train_step(
+            accelerator, runner, opt, xb, yb, step_generator(0, s), micro=MicroBatch(2, i == 1)
+        )
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
@@ -64,11 +66,11 @@ def test_the_lr_follows_the_effective_batch_and_global_batch_derives_k(tiny_over
     def trainer(*extra):
         return Trainer(load_recipe(None, tiny_overrides("tracking.enabled=false", *extra)))
 
-    one, four = trainer(), trainer("train.grad_accum_steps=4")
+    one, four = trainer().parts, trainer("train.grad_accum_steps=4").parts
     assert four.base_lr == pytest.approx(4 * one.base_lr)  # lr × (16 × 4) / 16
-    assert four.updates_per_epoch == -(-one.steps_per_epoch // 4)
-    derived = trainer("train.global_batch=64")  # 16 per step on one process
-    assert derived.accum == 4 and derived.base_lr == pytest.approx(four.base_lr)
+    assert four.clock.updates_per_epoch == -(-one.clock.steps_per_epoch // 4)
+    derived = trainer("train.global_batch=64").parts  # 16 per step on one process
+    assert derived.clock.accum == 4 and derived.base_lr == pytest.approx(four.base_lr)
     with pytest.raises(RecipeError, match=r"train\.global_batch: 40 is not a multiple"):
         trainer("train.global_batch=40")
 
@@ -84,7 +86,7 @@ calls = [0]
 def counting(state, bucket):
     calls[0] += bucket.index() == 0  # once per synced backward pass, however many buckets
     return allreduce_hook(state, bucket)
-trainer.runner.register_comm_hook(dist.group.WORLD, counting)
+trainer.parts.runner.register_comm_hook(dist.group.WORLD, counting)
 trainer.fit()
 if trainer.accelerator.is_main_process:
     json.dump(calls[0], open(sys.argv[1], "w"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.mixing import align_mix, squared_cost
+from pipeline.mixing import SinkhornOptions, align_mix, squared_cost
 from pipeline.models import MixNet
 from tests.authors_reference import (
     aligned_mix,
@@ -52,11 +52,16 @@ def test_squared_cost_against_the_float64_direct_sum(train_features):
 def test_converged_align_mix_against_pots_plan(train_features, direction):
     a, a_partner = train_features
     expected = aligned_mix(a, a_partner, pot_assignment(a, a_partner), LAM, direction)
-    out = align_mix(a, a_partner, LAM, direction, mode="converged", tol=1e-4)
+    out = align_mix(a, a_partner, LAM, direction, SinkhornOptions(mode="converged", tol=1e-4))
     scale = expected.abs().max().item()
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4 * scale)
     # At the default tolerance (marginals within 1e-3) the mix is within 1e-3 of it overall.
-    assert relative(align_mix(a, a_partner, LAM, direction, mode="converged"), expected) < 1e-3
+    assert (
+        relative(
+            align_mix(a, a_partner, LAM, direction, SinkhornOptions(mode="converged")), expected
+        )
+        < 1e-3
+    )
 
 
 @pytest.mark.parametrize("direction", [0, 1])
@@ -68,7 +73,7 @@ def test_authors_align_mix_as_close_to_float64_as_their_own_float32_code(train_f
     theirs = aligned_mix(
         a, a_partner, authors_assignment(a, a_partner, torch.float32), LAM, direction
     )
-    ours = align_mix(a, a_partner, LAM, direction, mode="authors")
+    ours = align_mix(a, a_partner, LAM, direction, SinkhornOptions(mode="authors"))
     their_error = relative(theirs, exact)
     assert 0 < their_error < 1e-3  # float32 rounding, not a different algorithm
     assert relative(ours, exact) <= 2 * their_error
@@ -83,13 +88,15 @@ def test_average_pooling_sees_only_the_marginals_of_the_assignment(train_feature
     pooled, pooled_partner = a.double().mean((2, 3)), a_partner.double().mean((2, 3))
     plain = LAM * pooled + (1 - LAM) * pooled_partner
     for direction in (0, 1):
-        converged = align_mix(a, a_partner, LAM, direction, mode="converged", tol=1e-5)
+        converged = align_mix(
+            a, a_partner, LAM, direction, SinkhornOptions(mode="converged", tol=1e-5)
+        )
         torch.testing.assert_close(converged.double().mean((2, 3)), plain, rtol=1e-4, atol=1e-5)
-    eq11 = align_mix(a, a_partner, LAM, 0, mode="authors").double().mean((2, 3))
+    eq11 = align_mix(a, a_partner, LAM, 0, SinkhornOptions(mode="authors")).double().mean((2, 3))
     torch.testing.assert_close(eq11, plain, rtol=1e-3, atol=1e-4)
     rows = authors_assignment(a, a_partner, torch.float64).sum(-1)  # (B, r)
     weighted = (a.double().flatten(2) * rows[:, None, :]).mean(-1)
-    eq12 = align_mix(a, a_partner, LAM, 1, mode="authors").double().mean((2, 3))
+    eq12 = align_mix(a, a_partner, LAM, 1, SinkhornOptions(mode="authors")).double().mean((2, 3))
     torch.testing.assert_close(
         eq12, LAM * weighted + (1 - LAM) * pooled_partner, rtol=1e-3, atol=1e-4
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.mixing import align, align_features, align_mix
+from pipeline.mixing import SinkhornOptions, align, align_features, align_mix
 
 MODES = ["authors", "converged"]
 
@@ -28,7 +28,7 @@ def permuted_pair(batch: int = 2, c: int = 64, h: int = 3, w: int = 3):
 def test_alignment_recovers_a_spatial_permutation(mode, eps):
     a, a_partner, sigma = permuted_pair()
     r = sigma.numel()
-    assignment = align(a, a_partner, mode=mode, eps=eps)
+    assignment = align(a, a_partner, SinkhornOptions(mode=mode, eps=eps))
     assert assignment.shape == (2, r, r) and assignment.dtype == torch.float32
     # m_ij = 0 exactly where a_i = a'_j, i.e. j = σ⁻¹(i)
     inverse = torch.argsort(sigma)
@@ -37,15 +37,17 @@ def test_alignment_recovers_a_spatial_permutation(mode, eps):
     one_hot[torch.arange(r), inverse] = 1.0
     torch.testing.assert_close(assignment, one_hot.expand(2, r, r), rtol=0, atol=1e-5)
 
-    a_tilde = align_features(a, a_partner, 0, mode=mode, eps=eps)  # A'Rᵀ: A' in A's geometry
+    a_tilde = align_features(
+        a, a_partner, 0, SinkhornOptions(mode=mode, eps=eps)
+    )  # A'Rᵀ: A' in A's geometry
     torch.testing.assert_close(a_tilde, a, rtol=0, atol=1e-3)
-    a_partner_tilde = align_features(a, a_partner, 1, mode=mode, eps=eps)  # AR
+    a_partner_tilde = align_features(a, a_partner, 1, SinkhornOptions(mode=mode, eps=eps))  # AR
     torch.testing.assert_close(a_partner_tilde, a_partner, rtol=0, atol=1e-3)
     # so the aligned mix of A with its own permutation is A (eq. 11) or A' (eq. 12), any λ
     for lam in (0.0, 0.3, 1.0):
-        out0 = align_mix(a, a_partner, lam, 0, mode=mode, eps=eps)
+        out0 = align_mix(a, a_partner, lam, 0, SinkhornOptions(mode=mode, eps=eps))
         torch.testing.assert_close(out0, a, rtol=0, atol=1e-3)
-        out1 = align_mix(a, a_partner, lam, 1, mode=mode, eps=eps)
+        out1 = align_mix(a, a_partner, lam, 1, SinkhornOptions(mode=mode, eps=eps))
         torch.testing.assert_close(out1, a_partner, rtol=0, atol=1e-3)
 
 
@@ -56,13 +58,13 @@ def test_align_mix_matches_equations_11_and_12(mode, direction):
     a = torch.rand(3, 16, 2, 3, generator=gen) * 4
     a_partner = torch.rand(3, 16, 2, 3, generator=gen) * 4
     lam = 0.35
-    R = align(a, a_partner, mode=mode).double()
+    R = align(a, a_partner, SinkhornOptions(mode=mode)).double()
     A, Ap = a.flatten(2).double(), a_partner.flatten(2).double()  # (B, c, r)
     if direction == 0:
         expected = lam * A + (1 - lam) * Ap @ R.transpose(1, 2)
     else:
         expected = lam * A @ R + (1 - lam) * Ap
-    out = align_mix(a, a_partner, lam, direction, mode=mode)
+    out = align_mix(a, a_partner, lam, direction, SinkhornOptions(mode=mode))
     assert out.shape == a.shape and out.dtype == a.dtype
     torch.testing.assert_close(out.double(), expected.view(a.shape), rtol=1e-5, atol=1e-5)
 
@@ -74,9 +76,11 @@ def test_gradients_reach_both_inputs_but_not_through_the_plan(direction):
     a_partner = (torch.rand(2, 8, 3, 3, generator=gen) * 3).requires_grad_()
     upstream = torch.randn(2, 8, 3, 3, generator=gen)
     lam = 0.4
-    R = align(a, a_partner, mode="converged")
+    R = align(a, a_partner, SinkhornOptions(mode="converged"))
     assert not R.requires_grad
-    (align_mix(a, a_partner, lam, direction, mode="converged") * upstream).sum().backward()
+    (
+        align_mix(a, a_partner, lam, direction, SinkhornOptions(mode="converged")) * upstream
+    ).sum().backward()
     G = upstream.flatten(2)
     if direction == 0:  # out = λA + (1−λ)A'Rᵀ with R held fixed
         grad_a, grad_partner = lam * G, (1 - lam) * G @ R
@@ -106,11 +110,11 @@ def test_autocast_output_is_finite_and_close_to_float32(mode, dtype, unit_roundo
     a = torch.rand(2, 512, 4, 4, generator=gen) * 100  # costs ≈ 8.5e5
     a_partner = torch.rand(2, 512, 4, 4, generator=gen) * 100
     lam = 0.3
-    reference = align_mix(a, a_partner, lam, 0, mode=mode)
-    R = align(a, a_partner, mode=mode)
+    reference = align_mix(a, a_partner, lam, 0, SinkhornOptions(mode=mode))
+    R = align(a, a_partner, SinkhornOptions(mode=mode))
     with torch.autocast("cpu", dtype=dtype):
-        out = align_mix(a, a_partner, lam, 0, mode=mode)
-        out_low = align_mix(a.to(dtype), a_partner.to(dtype), lam, 1, mode=mode)
+        out = align_mix(a, a_partner, lam, 0, SinkhornOptions(mode=mode))
+        out_low = align_mix(a.to(dtype), a_partner.to(dtype), lam, 1, SinkhornOptions(mode=mode))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert out_low.dtype == dtype and torch.isfinite(out_low).all()
     bound = 3 * unit_roundoff * (1 - lam) * (a_partner.flatten(2) @ R.transpose(1, 2))
@@ -135,8 +139,11 @@ def test_autocast_output_is_finite_and_close_to_float32(mode, dtype, unit_roundo
         ({"lam": "0.5"}, r"lam must be a number in \[0, 1\], got '0.5'"),
         ({"direction": 2}, r"direction must be 0 \(eq. 11\) or 1 \(eq. 12\), got 2"),
         ({"direction": True}, r"direction must be 0 \(eq. 11\) or 1 \(eq. 12\), got True"),
-        ({"mode": "exact"}, r"mode must be one of \('authors', 'converged'\), got 'exact'"),
-        ({"eps": -1.0}, "eps must be > 0, got -1.0"),
+        (
+            {"options": SinkhornOptions(mode="exact")},
+            r"mode must be one of \('authors', 'converged'\), got 'exact'",
+        ),
+        ({"options": SinkhornOptions(eps=-1.0)}, "eps must be > 0, got -1.0"),
     ],
 )
 def test_align_mix_rejects_bad_input(kwargs, message):

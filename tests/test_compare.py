@@ -8,7 +8,10 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.errors import PipelineError
+from pipeline.methods import method_names
 from pipeline.tools import compare as compare_cmd
+from pipeline.tools import runs_table
+from pipeline.tools.method_order import METHOD_ORDER
 
 EXPERIMENT = "cmp-test"
 
@@ -126,6 +129,21 @@ def test_table_numbers_equal_logged_metrics(store, tmp_path):
     ]
     base_line = next(line for line in markdown if _cells(line)[0] == "base-run")
     assert "–" in _cells(base_line)  # metrics the baseline did not log
+
+
+def test_rows_take_the_papers_method_order_and_other_methods_come_last_by_name():
+    methods = ["zeta_mix", "alignmixup", "alpha_mix", "baseline", "alignmixup", "puzzlemix"]
+    rows = [{"method": m, "run": i} for i, m in enumerate(methods)]
+    ordered = [(r["method"], r["run"]) for r in runs_table.in_method_order(rows)]
+    assert ordered == [
+        ("baseline", 3),
+        ("puzzlemix", 5),
+        ("alignmixup", 1),  # within a method, the rows keep their order
+        ("alignmixup", 4),
+        ("alpha_mix", 2),
+        ("zeta_mix", 0),
+    ]
+    assert set(METHOD_ORDER) <= set(method_names())  # no name there outlives its method
 
 
 def test_plots_and_compare_run_are_reused(store, tmp_path):

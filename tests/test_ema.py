@@ -27,12 +27,12 @@ def _run(tiny_overrides, out: str, *extra: str) -> Trainer:
 def test_ema_is_the_closed_form_of_the_trained_weights(tiny_overrides, tmp_path):
     base = ("method.name=input_mixup", "tracking.enabled=false")
     first = Trainer(load_recipe(None, tiny_overrides(*base, "train.max_steps=1", output="p0")))
-    initial = {k: v.detach().clone() for k, v in first.model.state_dict().items()}
+    initial = {k: v.detach().clone() for k, v in first.parts.model.state_dict().items()}
     # p_1, p_2, p_3: the same deterministic run stopped after 1, 2 and 3 steps, no EMA
     trained = []
     for k in (1, 2, 3):
         t = _run(tiny_overrides, f"p{k}", *base, f"train.max_steps={k}")
-        trained.append(t.model.state_dict())
+        trained.append(t.parts.model.state_dict())
     ema_run = _run(tiny_overrides, "ema", *base, "train.max_steps=3", f"train.ema_decay={DECAY}")
     ema, _, _ = read_weights(ema_run.output_dir / FINAL_MODEL, "ema")
     raw, _, _ = read_weights(ema_run.output_dir / FINAL_MODEL)

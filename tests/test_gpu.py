@@ -146,7 +146,7 @@ def test_train_step_under_amp_with_channels_last_and_compile(method_name, amp, c
     from pipeline.methods import build_method
     from pipeline.recipe import load_recipe
     from pipeline.training.optim import build_optimizer
-    from pipeline.training.step import MethodRunner, step_generator, train_step
+    from pipeline.training.step import MethodRunner, StepSettings, step_generator, train_step
 
     recipe = load_recipe(None, [f"method.name={method_name}", *SMALL_MODEL])
     method = build_method(recipe.method)
@@ -158,8 +158,9 @@ def test_train_step_under_amp_with_channels_last_and_compile(method_name, amp, c
     accelerator = _accelerator(amp)
     runner, optimizer = accelerator.prepare(runner, build_optimizer(recipe.optim, model, lr=1e-3))
     x, y = _batch()
+    settings = StepSettings(grad_clip=5.0, channels_last=True)
     losses = [
-        train_step(accelerator, runner, optimizer, x, y, step_generator(0, s), 5.0, True).loss
+        train_step(accelerator, runner, optimizer, x, y, step_generator(0, s), settings).loss
         for s in range(3)
     ]
     assert all(torch.isfinite(v) for v in losses), losses
@@ -177,19 +178,19 @@ def _train_like_features(batch: int = 32) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", ["authors", "converged"])
 def test_sinkhorn_and_align_mix_on_cuda_match_the_cpu(mode):
-    from pipeline.mixing import align_mix, sinkhorn, squared_cost
+    from pipeline.mixing import SinkhornOptions, align_mix, sinkhorn, squared_cost
 
     a = _train_like_features()
     partner = a.roll(1, 0)
     flat, flat_partner = (t.flatten(2).transpose(1, 2) for t in (a, partner))
     cost = squared_cost(flat, flat_partner)  # one cost for both devices: the solver alone
-    cpu = sinkhorn(cost, mode=mode)
+    cpu = sinkhorn(cost, SinkhornOptions(mode=mode))
     for host_checks in (True, False):
-        gpu = sinkhorn(cost.to(CUDA), mode=mode, host_checks=host_checks)
+        gpu = sinkhorn(cost.to(CUDA), SinkhornOptions(mode=mode, host_checks=host_checks))
         assert int(gpu.iterations) == int(cpu.iterations)
         torch.testing.assert_close(gpu.plan.cpu(), cpu.plan, rtol=1e-4, atol=1e-7)
-    mixed_cpu = align_mix(a, partner, 0.3, 1, mode=mode)
-    mixed_gpu = align_mix(a.to(CUDA), partner.to(CUDA), 0.3, 1, mode=mode).cpu()
+    mixed_cpu = align_mix(a, partner, 0.3, 1, SinkhornOptions(mode=mode))
+    mixed_gpu = align_mix(a.to(CUDA), partner.to(CUDA), 0.3, 1, SinkhornOptions(mode=mode)).cpu()
     # Different matmul rounding in the cost moves the authors' near-hard plan a little.
     assert ((mixed_gpu - mixed_cpu).norm() / mixed_cpu.norm()).item() < 1e-2
 
@@ -211,22 +212,22 @@ def test_authors_mode_on_cuda_never_syncs_the_host():
 @pytest.mark.parametrize("shape", [(128, 49, 49), (64, 16, 16), (32, 64, 64), (8, 7, 12)], ids=str)
 def test_fused_solver_on_cuda_matches_the_eager_loop(mode, shape):
     """The compiled Triton kernels (the interpreter's run is in test_sinkhorn_triton.py)."""
-    from pipeline.mixing import sinkhorn, squared_cost
+    from pipeline.mixing import SinkhornOptions, sinkhorn, squared_cost
 
     g = torch.Generator().manual_seed(1)
     batch, r, s = shape
     a = torch.relu(torch.randn(batch, r, 512, generator=g)).to(CUDA)
     b = torch.relu(torch.randn(batch, s, 512, generator=g)).to(CUDA)
     cost = squared_cost(a, b)
-    eager = sinkhorn(cost, mode=mode, backend="eager", host_checks=False)
-    fused = sinkhorn(cost, mode=mode, backend="triton")
+    eager = sinkhorn(cost, SinkhornOptions(mode=mode, backend="eager", host_checks=False))
+    fused = sinkhorn(cost, SinkhornOptions(mode=mode, backend="triton"))
     assert int(fused.iterations) == int(eager.iterations)
     scale = eager.plan.abs().max()
     torch.testing.assert_close(fused.plan, eager.plan, rtol=1e-5, atol=1e-5 * scale)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        sinkhorn(cost, mode=mode, backend="triton")  # no host sync in either mode
+        sinkhorn(cost, SinkhornOptions(mode=mode, backend="triton"))  # no host sync in either mode
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

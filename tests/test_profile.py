@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 import timm
+import torch
+from torch.profiler import profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.cli import main
 from pipeline.errors import PipelineError
-from pipeline.methods import method_names
+from pipeline.methods import build_method, method_names
 from pipeline.recipe import load_recipe
 from pipeline.tools import profile as profile_cmd
 from pipeline.tools.benchmark import recipe_for
@@ -29,6 +32,20 @@ TINY = ["--model", "test_resnet", "--size", "32", "--batch", "4", "--steps", "2"
 TINY += ["--device", "cpu", "--num-classes", "10", "--threads", "1"]
 # Recipe overrides, `key=value` after the options as every command takes them.
 SMALL_AE = ["model.ae.decoder_width=16", "model.ae.decoder_min_width=8"]
+# The paper's Table 2 order, the methods it did not time beside their kin; others after, by name.
+PAPER_ORDER = [
+    "baseline",
+    "input_mixup",
+    "cutmix",
+    "manifold_mixup",
+    "puzzlemix",
+    "saliencymix",
+    "resizemix",
+    "fmix",
+    "alignmixup",
+    "alignmixup_ae",
+    "alignmixup_or_cutmix",
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +63,8 @@ def profiled(tmp_path_factory):
 
 def test_one_record_per_method_with_positive_times(profiled):
     records, _ = profiled
-    assert [r["method"] for r in records] == method_names()
+    others = sorted(set(method_names()) - set(PAPER_ORDER))  # registered by other tests
+    assert [r["method"] for r in records] == PAPER_ORDER + others
     assert records[0]["settings"]["threads"] == 1
     for r in records:
         assert r["msec_per_batch"] > 0 and r["images_per_s"] > 0, r["method"]
@@ -64,6 +82,15 @@ def test_one_record_per_method_with_positive_times(profiled):
     # the baseline's own hook does no mixing, so it has no sections to time
     assert by["baseline"]["hook_msec"] == 0.0
     assert by["input_mixup"]["hook_section_calls"] == {"mix": 2}
+    assert by["puzzlemix"]["hook_section_calls"] == dict.fromkeys(
+        ("graphcut", "mix", "saliency", "transport"), 2
+    )
+    # CutMix or AlignMixup each step, under the composite's name: one section per step
+    composite = by["alignmixup_or_cutmix"]["hook_section_calls"]
+    assert set(composite) <= {"align", "mix"} and sum(composite.values()) == 2
+    for r in records:  # on a CPU the section's time is the host's time in it
+        assert r["hook_sections_host_msec_per_step"] == r["hook_sections_msec_per_step"]
+        assert r["hook_msec"] == pytest.approx(sum(r["hook_sections_msec_per_step"].values()))
     for method in ("alignmixup", "alignmixup_ae", "alignmixup_or_cutmix"):
         assert by[method]["sinkhorn_msec_per_call"] > 0
         assert by[method]["align_mix_msec_per_call"] > 0
@@ -134,6 +161,7 @@ def test_epoch_time_is_the_steps_of_an_epoch_at_the_measured_speed(tmp_path):
     ("argv", "match"),
     [
         (["--methods", "baseline,mixupp"], "mixupp"),
+        (["--methods", "cutmix,baseline,cutmix"], "cutmix named more than once"),
         (["--steps", "0"], "--steps"),
         (["--device", "tpu"], "tpu"),
         (["method.sinkhorn=fast"], "method.sinkhorn"),
@@ -164,3 +192,30 @@ def test_table2_sets_each_method_beside_the_papers_figures():
     assert rows["alignmixup_ae"][1:] == ["35M", "160.0", "688", "1.600", "1.646", "18.83"]
     assert rows["baseline"][-2:] == ["1.000", "23.68"]
     assert rows["fmix"][1] == rows["fmix"][3] == rows["fmix"][5] == rows["fmix"][6] == "–"
+
+
+class RangeNames(TorchDispatchMode):
+    """The names of the profiler ranges opened under it (their enter op carries the name)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.profiler._record_function_enter_new.default:
+            self.names.append(args[0])
+        return func(*args, **(kwargs or {}))
+
+
+def test_sections_are_profiler_ranges_that_cost_no_op_when_no_profiler_runs():
+    method = build_method(load_recipe(None, ["method.name=input_mixup"]).method)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    x, y = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+    plain = RangeNames()
+    with plain:
+        method(model, x, y, torch.Generator().manual_seed(0))
+    assert plain.names == []  # training: no range, not even an op for one
+    with profile() as prof, RangeNames() as profiled:
+        method(model, x, y, torch.Generator().manual_seed(0))
+    assert profiled.names == ["input_mixup/mix"]
+    assert [e.count for e in prof.key_averages() if e.key == "input_mixup/mix"] == [1]

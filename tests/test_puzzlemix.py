@@ -57,9 +57,8 @@ HAND = {"beta": 1.6, "gamma": 0.5, "eta": 0.2, "neigh_size": 2}
 
 @pytest.mark.parametrize("neigh_size", [1, 2])  # constant blocks: the cell size changes nothing
 def test_energy_of_a_two_label_mask_matches_the_hand_computed_value(neigh_size):
-    terms = pm.puzzle_terms(
-        S, S_PARTNER, X, PARTNER, 0.3, n_labels=2, **{**HAND, "neigh_size": neigh_size}
-    )
+    options = pm.PuzzleOptions(n_labels=2, **{**HAND, "neigh_size": neigh_size})
+    terms = pm.puzzle_terms(S, S_PARTNER, X, PARTNER, 0.3, options)
     # z = [[1, 0], [1, 1]]: x everywhere but the top-right block.
     #  saliency covered: 0.25 + 0.4 + 0.25 + 0.25 = 1.15
     #  prior: 0.05·(3·(−log 0.3) + (−log 0.7)) = 0.19842967
@@ -77,7 +76,7 @@ def test_energy_of_a_two_label_mask_matches_the_hand_computed_value(neigh_size):
 
 
 def test_energy_of_a_three_label_mask_matches_the_hand_computed_value():
-    terms = pm.puzzle_terms(S, S_PARTNER, X, PARTNER, 0.3, n_labels=3, **HAND)
+    terms = pm.puzzle_terms(S, S_PARTNER, X, PARTNER, 0.3, pm.PuzzleOptions(n_labels=3, **HAND))
     # z = [[0.5, 0], [1, 1]].
     #  saliency, linear in z: 0.5·0.25 + 0.5·0.1 + 0.4 + 0.25 + 0.25 = 1.075
     #  prior, P = λ², 2λ(1−λ), (1−λ)² = 0.09, 0.42, 0.49: 0.05·(−log .42 − log .49 − 2 log .09)
@@ -121,11 +120,8 @@ def _pair_of_images(seed: int, lam: float, **params):
     blob[1] = blob[1].flip(0, 1)
     saliency = pm.block_saliency(blob + 0.3 * torch.rand(2, 16, 16, generator=g), 4)
     perm = torch.tensor([1, 0])
-    terms = pm.puzzle_terms(
-        saliency, saliency[perm], images, images[perm], lam, n_labels=params.pop("n_labels", 2),
-        **params,
-    )  # fmt: skip
-    return terms
+    options = pm.PuzzleOptions(n_labels=params.pop("n_labels", 2), **params)
+    return pm.puzzle_terms(saliency, saliency[perm], images, images[perm], lam, options)
 
 
 def _all_binary_masks(n: int) -> torch.Tensor:
@@ -329,20 +325,22 @@ def test_saliency_is_the_input_gradient_norm_and_leaves_parameters_and_bn_alone(
 
 @pytest.fixture
 def recorded(monkeypatch):
-    """What the method drew (λ, π) and what `puzzle_mix` returned, from the real functions."""
+    """What the method drew (λ, π), and the (mixed images, per-sample λ, mask) of its
+    `mix_by_mask`, from the real functions."""
     seen = {"draws": [], "mixes": []}
-    real_sample, real_mix = method_module.sample_mix, method_module.puzzle_mix
+    real_sample, real_mix = method_module.sample_mix, method_module.mix_by_mask
 
     def sample(*args, **kwargs):
         seen["draws"].append(real_sample(*args, **kwargs))
         return seen["draws"][-1]
 
-    def mix(*args, **kwargs):
-        seen["mixes"].append(real_mix(*args, **kwargs))
-        return seen["mixes"][-1]
+    def mix(images, partner, mask):
+        mixed, lam = real_mix(images, partner, mask)
+        seen["mixes"].append((mixed, lam, mask))
+        return mixed, lam
 
     monkeypatch.setattr(method_module, "sample_mix", sample)
-    monkeypatch.setattr(method_module, "puzzle_mix", mix)
+    monkeypatch.setattr(method_module, "mix_by_mask", mix)
     return seen
 
 
@@ -398,6 +396,19 @@ def test_the_same_seed_and_step_give_the_same_output_whatever_the_global_rngs():
     assert any(not torch.equal(o.loss, a.loss) for o in other)
 
 
+def test_the_settings_reach_the_mixing_functions_as_one_options_value():
+    method = _method(
+        n_labels=2, beta=0.5, gamma=1.0, eta=0.3, neigh_size=4, pixel_std="[0.5,0.25,0.125]",
+        t_eps=0.3, t_size=4, transport_solver="exact",
+    )  # fmt: skip
+    assert method.options == pm.PuzzleOptions(
+        n_labels=2, beta=0.5, gamma=1.0, eta=0.3, neigh_size=4, pixel_std=(0.5, 0.25, 0.125),
+        t_eps=0.3, t_size=4, solver="exact",
+    )  # fmt: skip
+    # the method's defaults (the authors' ImageNet recipe) are the functions' own
+    assert _method().options == pm.PuzzleOptions(pixel_std=(0.229, 0.224, 0.225))
+
+
 # --- errors -----------------------------------------------------------------------------------
 
 
@@ -425,7 +436,7 @@ def test_bad_inputs_are_value_errors_saying_what_was_expected():
         _method(block_nums="[4]")(model, x[..., :30, :30], y, step_generator(0, 0))
     with pytest.raises(ValueError, match="pixel_std must hold 3"):
         _method(pixel_std="[0.2]")(model, x, y, step_generator(0, 0))
-    terms = pm.puzzle_terms(S, S_PARTNER, X, PARTNER, 0.3, n_labels=2, **HAND)
+    terms = pm.puzzle_terms(S, S_PARTNER, X, PARTNER, 0.3, pm.PuzzleOptions(n_labels=2, **HAND))
     with pytest.raises(ValueError, match=r"mask values must be among"):
         pm.puzzle_energy(torch.full((1, 2, 2), 0.5), terms)
     with pytest.raises(ValueError, match=r"square 4-D"):

@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from pipeline.mixing import SinkhornResult, sinkhorn, squared_cost
+from pipeline.mixing import SinkhornOptions, SinkhornResult, sinkhorn, squared_cost
 from tests.authors_reference import authors_sinkhorn
 from tests.photos import photo_batch
 
@@ -74,7 +74,7 @@ def test_converged_mode_matches_pot(shape):
     a = torch.randn(batch, r, 4, generator=gen)
     b = torch.randn(batch, s, 4, generator=gen)
     cost = squared_cost(a, b) * 50  # magnitude must not matter: eps is relative to the mean
-    result = sinkhorn(cost, eps=0.1, mode="converged", tol=1e-6, max_iter=5000)
+    result = sinkhorn(cost, SinkhornOptions(eps=0.1, mode="converged", tol=1e-6, max_iter=5000))
     assert isinstance(result, SinkhornResult)
     assert result.plan.shape == shape and result.plan.dtype == torch.float32
     for i in range(batch):
@@ -96,16 +96,18 @@ def test_converged_mode_matches_pot(shape):
 def test_converged_mode_warns_when_max_iter_runs_out():
     cost = small_cost(1.0)
     with pytest.warns(RuntimeWarning, match="max_iter=2"):
-        result = sinkhorn(cost, mode="converged", eps=0.01, max_iter=2, tol=1e-7)
+        result = sinkhorn(cost, SinkhornOptions(mode="converged", eps=0.01, max_iter=2, tol=1e-7))
     assert result.iterations == 2
 
 
 def test_sinkhorn_is_detached_float32_under_autocast():
     cost = small_cost(3.0).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        result = sinkhorn(cost, mode="converged")
+        result = sinkhorn(cost, SinkhornOptions(mode="converged"))
     assert result.plan.dtype == torch.float32 and not result.plan.requires_grad
-    torch.testing.assert_close(result.plan, sinkhorn(cost.detach(), mode="converged").plan)
+    torch.testing.assert_close(
+        result.plan, sinkhorn(cost.detach(), SinkhornOptions(mode="converged")).plan
+    )
 
 
 # --- authors' mode: their iteration and stopping rule --------------------------------------
@@ -120,7 +122,9 @@ def test_authors_mode_exits_mid_chunk_like_their_loop(check_every, host_checks):
     cost = small_cost(10.6)  # constructed so that their loop stops at iteration 23
     expected_plan, expected_iterations = authors_sinkhorn(cost)
     assert expected_iterations == 23
-    result = sinkhorn(cost, mode="authors", check_every=check_every, host_checks=host_checks)
+    result = sinkhorn(
+        cost, SinkhornOptions(mode="authors", check_every=check_every, host_checks=host_checks)
+    )
     assert int(result.iterations) == 23
     torch.testing.assert_close(result.plan, expected_plan, rtol=1e-6, atol=0)
 
@@ -130,10 +134,12 @@ def test_authors_mode_runs_all_iterations_when_rule_is_never_met(host_checks):
     cost = small_cost(1000.0)  # large raw costs against eps = 0.1: their rule never fires
     expected_plan, expected_iterations = authors_sinkhorn(cost)
     assert expected_iterations == 100
-    result = sinkhorn(cost, mode="authors", host_checks=host_checks)
+    result = sinkhorn(cost, SinkhornOptions(mode="authors", host_checks=host_checks))
     assert int(result.iterations) == 100
     torch.testing.assert_close(result.plan, expected_plan, rtol=1e-6, atol=0)
-    capped = sinkhorn(cost, mode="authors", max_iter=25, check_every=10, host_checks=host_checks)
+    capped = sinkhorn(
+        cost, SinkhornOptions(mode="authors", max_iter=25, check_every=10, host_checks=host_checks)
+    )
     assert int(capped.iterations) == 25
     torch.testing.assert_close(
         capped.plan, authors_sinkhorn(cost, max_iter=25)[0], rtol=1e-6, atol=0
@@ -146,8 +152,8 @@ def test_device_side_exit_gives_the_host_checked_plan_bit_for_bit(mode, scale):
     # No host sync: every iteration is queued and the potentials freeze on the device where
     # the rule is first met. Same plan, same iteration count, as the loop that stops there.
     cost = small_cost(scale)
-    host = sinkhorn(cost, mode=mode, host_checks=True, max_iter=300)
-    device = sinkhorn(cost, mode=mode, host_checks=False, max_iter=300)
+    host = sinkhorn(cost, SinkhornOptions(mode=mode, host_checks=True, max_iter=300))
+    device = sinkhorn(cost, SinkhornOptions(mode=mode, host_checks=False, max_iter=300))
     assert isinstance(device.iterations, torch.Tensor) and device.iterations.dim() == 0
     assert int(device.iterations) == host.iterations
     assert torch.equal(device.plan, host.plan)
@@ -156,13 +162,13 @@ def test_device_side_exit_gives_the_host_checked_plan_bit_for_bit(mode, scale):
 def test_sinkhorn_rejects_bad_arguments():
     cost = small_cost(1.0)
     with pytest.raises(ValueError, match=r"mode must be one of .*got 'exact'"):
-        sinkhorn(cost, mode="exact")
+        sinkhorn(cost, SinkhornOptions(mode="exact"))
     with pytest.raises(ValueError, match=r"\(B, r, s\) cost, got shape \(9, 9\)"):
         sinkhorn(cost[0])
     with pytest.raises(ValueError, match="eps must be > 0, got 0"):
-        sinkhorn(cost, eps=0)
+        sinkhorn(cost, SinkhornOptions(eps=0))
     with pytest.raises(ValueError, match="max_iter and check_every must be >= 1"):
-        sinkhorn(cost, max_iter=0)
+        sinkhorn(cost, SinkhornOptions(max_iter=0))
 
 
 # --- real ResNet-50 features (untrained, real photos) --------------------------------------
@@ -188,7 +194,7 @@ def test_converged_mode_marginals_on_resnet50_features(resnet50_costs, phase):
     cost = resnet50_costs[phase]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "max_iter ran out" warning
-        result = sinkhorn(cost, mode="converged")
+        result = sinkhorn(cost, SinkhornOptions(mode="converged"))
     assert result.iterations < 1000
     assert row_col_error(result.plan) < 1e-3
     assert result.marginal_error.item() < 1e-3
@@ -198,8 +204,10 @@ def test_authors_mode_on_train_features_keeps_its_skewed_rows(resnet50_costs):
     # docs/mixing.md: costs ≈ 1,500 against eps = 0.1; all 100 iterations run, rows stray far.
     cost = resnet50_costs["train"]
     assert 500 < cost.mean().item() < 5000
-    result = sinkhorn(cost, mode="authors")
+    result = sinkhorn(cost, SinkhornOptions(mode="authors"))
     assert result.iterations == 100
     assert row_col_error(result.plan) > 0.5
     torch.testing.assert_close(result.plan, authors_sinkhorn(cost)[0], rtol=1e-5, atol=0)
-    assert torch.equal(sinkhorn(cost, mode="authors", host_checks=False).plan, result.plan)
+    assert torch.equal(
+        sinkhorn(cost, SinkhornOptions(mode="authors", host_checks=False)).plan, result.plan
+    )

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.mixing import sinkhorn
+from pipeline.mixing import SinkhornOptions, sinkhorn
 from tests.authors_reference import authors_sinkhorn
 from tests.triton_interpreter import SHAPES, random_cost
 
@@ -46,7 +46,7 @@ def check_case(fused: dict, name: str):
     """The fused result of case `name` against the eager solver's (no host syncs, so that both
     count iterations on the device); returns the eager result."""
     cost, options, plan, iterations, error = fused[name]
-    eager = sinkhorn(cost, backend="eager", host_checks=False, **options)
+    eager = sinkhorn(cost, SinkhornOptions(backend="eager", host_checks=False, **options))
     assert isinstance(iterations, torch.Tensor) and iterations.dim() == 0
     assert int(iterations) == int(eager.iterations), name
     assert plan.shape == eager.plan.shape and plan.dtype == torch.float32
@@ -96,7 +96,9 @@ def test_converged_samples_stop_on_their_own_error(fused):
     """An easy sample and a hard one: each plan is that of the sample solved alone (the easy
     one stopped at its own check), and the batch's count is the most any sample ran."""
     cost, options, plan, iterations, _ = fused["converged-easy-hard"]
-    alone = [sinkhorn(cost[i : i + 1], backend="eager", **options) for i in range(2)]
+    alone = [
+        sinkhorn(cost[i : i + 1], SinkhornOptions(backend="eager", **options)) for i in range(2)
+    ]
     assert alone[0].iterations < alone[1].iterations
     assert int(iterations) == alone[1].iterations
     for i, result in enumerate(alone):
@@ -111,14 +113,14 @@ def test_non_finite_costs_raise_the_eager_solvers_error(bad, monkeypatch):
     cost[1, 2, 3] = bad
     for backend in ("eager", "triton"):
         with pytest.raises(ValueError, match="1 NaN or infinite entries of 32"):
-            sinkhorn(cost, backend=backend)
+            sinkhorn(cost, SinkhornOptions(backend=backend))
 
 
 def test_larger_maps_fall_back_to_the_eager_solver(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     cost = random_cost(2, 65, 30, 3.0)
-    fused = sinkhorn(cost, mode="authors", backend="triton")
-    eager = sinkhorn(cost, mode="authors", backend="eager")
+    fused = sinkhorn(cost, SinkhornOptions(mode="authors", backend="triton"))
+    eager = sinkhorn(cost, SinkhornOptions(mode="authors", backend="eager"))
     assert isinstance(fused.iterations, int)  # the eager loop's host-checked count
     assert fused.iterations == eager.iterations and torch.equal(fused.plan, eager.plan)
 
@@ -126,6 +128,6 @@ def test_larger_maps_fall_back_to_the_eager_solver(monkeypatch):
 def test_triton_on_the_cpu_without_the_interpreter_is_refused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="'triton' needs CUDA tensors"):
-        sinkhorn(random_cost(1, 4, 4, 1.0), backend="triton")
+        sinkhorn(random_cost(1, 4, 4, 1.0), SinkhornOptions(backend="triton"))
     # "auto" on the CPU is the eager loop
     assert isinstance(sinkhorn(random_cost(1, 4, 4, 1.0)).iterations, int)

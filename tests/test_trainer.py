@@ -169,7 +169,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(
 
     runs = {r.info.run_name: r for r in _runs(mlflow_uri, experiment)}
     assert set(runs) == {"uninterrupted", "killed"}  # the resume continued the same run
-    assert runs["killed"].info.run_id == state.mlflow_run_id
+    # the checkpoint names the run once the sender has created it (under load, maybe later)
+    assert state.mlflow_run_id in (None, runs["killed"].info.run_id)
     assert runs["killed"].info.status == "FINISHED"
     ref = _losses(mlflow_uri, runs["uninterrupted"].info.run_id)
     got = _losses(mlflow_uri, runs["killed"].info.run_id)
@@ -346,8 +347,8 @@ from pipeline.recipe import load_recipe
 from pipeline.training import Trainer
 trainer = Trainer(load_recipe(None, sys.argv[2:]))
 rank = trainer.accelerator.process_index
-assert trainer.method.rank == rank  # what method.draws=per_rank draws apart
-snapshot = lambda: {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+assert trainer.parts.method.rank == rank  # what method.draws=per_rank draws apart
+snapshot = lambda: {k: v.detach().clone() for k, v in trainer.parts.model.named_parameters()}
 torch.save(snapshot(), f"{sys.argv[1]}/initial{rank}.pt")
 trainer.fit()
 torch.save(snapshot(), f"{sys.argv[1]}/rank{rank}.pt")

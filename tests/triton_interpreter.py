@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from pipeline.mixing import sinkhorn, squared_cost
+from pipeline.mixing import SinkhornOptions, sinkhorn, squared_cost
 
 # The interpreter runs each program's iterations in Python (~7 ms an iteration), and the
 # authors' first kernel always runs max_iter of them: cases keep B and max_iter small where
@@ -80,7 +80,7 @@ def main(path: str) -> None:
     assert sinkhorn_triton.interpreted(), "run with TRITON_INTERPRET=1"
     results = {}
     for name, (cost, options) in cases().items():
-        fused = sinkhorn(cost, backend="triton", **options)
+        fused = sinkhorn(cost, SinkhornOptions(backend="triton", **options))
         results[name] = (cost, options, fused.plan, fused.iterations, fused.marginal_error)
     torch.save(results, path)
 

@@ -80,7 +80,8 @@ def _into_journal(folder, recipe, facts, metrics, artifacts, artifact_path) -> s
 
     from pipeline.errors import TrackingError
     from pipeline.runs.journal import Journal
-    from pipeline.runs.tracking import FOLDER, recorded_run_id, resolve_tracking_uri, sync
+    from pipeline.runs.store import resolve_tracking_uri
+    from pipeline.runs.tracking import FOLDER, recorded_run_id, sync
 
     journal = Journal(folder / FOLDER)
     journal.append("metrics", step=int(facts.get("step") or 0), values=metrics)
@@ -104,12 +105,8 @@ def _direct(recipe, run_id, checkpoint, metrics, artifacts, artifact_path) -> st
     import mlflow
 
     from pipeline.runs import provenance
-    from pipeline.runs.tracking import (
-        DESCRIPTION_TAG,
-        UNITS_NOTE,
-        experiment_id,
-        resolve_tracking_uri,
-    )
+    from pipeline.runs.store import experiment_id, resolve_tracking_uri
+    from pipeline.runs.tracking import DESCRIPTION_TAG, UNITS_NOTE
 
     uri = resolve_tracking_uri(recipe.tracking.tracking_uri)
     mlflow.set_tracking_uri(uri)

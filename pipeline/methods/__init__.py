@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from pipeline.methods.base import Method, MethodOutput, MixSettings, SectionTimer
+from pipeline.methods.base import Method, MethodOutput, MixSettings
 from pipeline.methods.registry import (
     build_method,
     method_class,
@@ -23,7 +23,6 @@ __all__ = [
     "Method",
     "MethodOutput",
     "MixSettings",
-    "SectionTimer",
     "build_method",
     "method_class",
     "method_names",

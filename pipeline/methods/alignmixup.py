@@ -5,7 +5,9 @@ ablation switches are the paper's Table 6)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Literal
 
 import numpy as np
 import torch
@@ -17,6 +19,7 @@ from pipeline.methods.base import Method, MethodOutput, MixSettings, uniform_cho
 from pipeline.methods.registry import register_method
 from pipeline.mixing import (
     MixSample,
+    SinkhornOptions,
     align,
     align_mix,
     input_mixup,
@@ -66,16 +69,16 @@ class AlignSettings(MixSettings):
         "None: A's own grid",
     )
 
-    def solver(self) -> dict[str, Any]:
-        """Keyword arguments of `align_mix`, `align_features` and `sinkhorn`."""
-        return {
-            "mode": self.sinkhorn,
-            "eps": self.sinkhorn_eps,
-            "max_iter": self.sinkhorn_max_iter,
-            "tol": self.sinkhorn_tol,
-            "host_checks": self.sinkhorn_host_checks,
-            "backend": self.sinkhorn_backend,
-        }
+    def solver(self) -> SinkhornOptions:
+        """The Sinkhorn options these settings give, for `align_mix`, `align` and `sinkhorn`."""
+        return SinkhornOptions(
+            mode=self.sinkhorn,
+            eps=self.sinkhorn_eps,
+            max_iter=self.sinkhorn_max_iter,
+            tol=self.sinkhorn_tol,
+            host_checks=self.sinkhorn_host_checks,
+            backend=self.sinkhorn_backend,
+        )
 
 
 def check_levels(levels: list[str]) -> list[str]:
@@ -102,7 +105,7 @@ class Aligner:
     """Mixing at a level of the network, shared by AlignMixup and AlignMixup/AE (and /VAE)."""
 
     settings: AlignSettings
-    timer: Any
+    section: Callable[[str], AbstractContextManager[object]]  # Method.section
     rank: int
 
     def mix_tensor(
@@ -113,11 +116,11 @@ class Aligner:
         if pool is not None:
             t = torch.nn.functional.adaptive_avg_pool2d(t, pool)
         if not self.settings.align:
-            with self.timer.section("mix", t.device):
+            with self.section("mix"):
                 return mix(t, t[s.perm], s.lam)
         direction = uniform_choice((0, 1), choices)
-        with self.timer.section("align", t.device):
-            return align_mix(t, t[s.perm], s.lam, direction, **self.settings.solver())
+        with self.section("align"):
+            return align_mix(t, t[s.perm], s.lam, direction, self.settings.solver())
 
     def mix_moments(
         self, mu: Tensor, sigma: Tensor, s: MixSample, level: str, choices: torch.Generator
@@ -127,8 +130,8 @@ class Aligner:
         if level == "e" or not self.settings.align:
             return mix(mu, mu[s.perm], s.lam), mix(sigma, sigma[s.perm], s.lam)
         direction = uniform_choice((0, 1), choices)
-        with self.timer.section("align", mu.device):
-            plan = align(mu, mu[s.perm], **self.settings.solver())
+        with self.section("align"):
+            plan = align(mu, mu[s.perm], self.settings.solver())
             return tuple(mix_aligned(t, t[s.perm], plan, s.lam, direction) for t in (mu, sigma))
 
     def gaussian(self, like: Tensor, choices: torch.Generator) -> Tensor:
@@ -149,7 +152,7 @@ class Aligner:
         """Class scores of the batch mixed at `level` (x, A, e or E); models without `f`
         classify A, the VAE samples e from (possibly mixed) μ and σ."""
         if level == "x":
-            with self.timer.section("mix", images.device):
+            with self.section("mix"):
                 images = input_mixup(images, s.perm, s.lam)
         a = model.features(images)
         if level == "A":
@@ -164,7 +167,7 @@ class Aligner:
             return model.classify(self.reparameterise(mu, sigma, choices))
         e = model.embed(a)
         if level == "e":
-            with self.timer.section("mix", images.device):
+            with self.section("mix"):
                 e = mix(e, e[s.perm], s.lam)
         elif level == "E":
             e = self.mix_tensor(e, s, choices)
@@ -186,7 +189,6 @@ class AlignMixup(Aligner, Method):
     each; `mix_levels`, `align` and `align_pool` give the rows of the paper's Table 6."""
 
     Settings = AlignMixupSettings
-    table_order = 60
 
     @property
     def needs_embedding(self) -> bool:

@@ -55,7 +55,6 @@ class AlignMixupAE(Aligner, Method):
     needs_decoder = True
     needs_embedding = True
     unused_parameters = ("decoder.",)  # no decoder on mixed batches
-    table_order = 70
 
     def check_model(self, model: MixNet) -> None:
         check_embedding_levels(self.settings.mix_levels, model)
@@ -85,7 +84,7 @@ class AlignMixupAE(Aligner, Method):
         else:
             e, kl = model.embed(a), None
         logits = model.classify(e)
-        with self.timer.section("decode", images.device):
+        with self.section("decode"):
             recon = torch.nn.functional.mse_loss(model.decode(e).float(), images.float())
         loss = self.clean_loss(logits, labels) + self.settings.recon_weight * recon
         if kl is not None:

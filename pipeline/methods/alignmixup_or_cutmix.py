@@ -23,7 +23,6 @@ class AlignMixupOrCutMix(Method):
     """Per batch, CutMix (its own α) or AlignMixup (α and the solver of these settings)."""
 
     Settings = AlignMixupOrCutMixSettings
-    table_order = 80
 
     def __init__(
         self, settings: AlignMixupOrCutMixSettings, label_smoothing: float = 0.0, rank: int = 0
@@ -34,7 +33,7 @@ class AlignMixupOrCutMix(Method):
         self.cutmix = CutMix(cutmix, label_smoothing, rank)
         aligned = AlignMixup.Settings(name=AlignMixup.name, **shared)
         self.alignmixup = AlignMixup(aligned, label_smoothing, rank)
-        self.cutmix.timer = self.alignmixup.timer = self.timer
+        self.cutmix.range_prefix = self.alignmixup.range_prefix = self.name  # sections: ours
 
     def __call__(self, model: MixNet, images: Tensor, labels: Tensor, rng: torch.Generator):
         cut = coin(self.settings.cutmix_prob, self.choice_generator(rng))

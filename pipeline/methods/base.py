@@ -1,4 +1,4 @@
-"""What every mixing method shares: its output, a section timer, its base class and draws.
+"""What every mixing method shares: its output, its base class, profiler ranges and draws.
 
 A method turns one batch into a loss. It is called inside the training step's autocast as
 `method(model, images, labels, rng)`; `rng` is a CPU generator seeded from (seed, step), the same
@@ -11,10 +11,7 @@ under `per_rank` (one draw per GPU's chunk, as the authors' DataParallel run; do
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -22,11 +19,12 @@ import numpy as np
 import torch
 from pydantic import Field
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from pipeline.config import MethodSettings, ModelConfig
 from pipeline.models import MixNet, build_model
 
-__all__ = ["Method", "MethodOutput", "MixSettings", "SectionTimer", "coin", "uniform_choice"]
+__all__ = ["Method", "MethodOutput", "MixSettings", "coin", "uniform_choice"]
 
 
 class MixSettings(MethodSettings):
@@ -47,37 +45,6 @@ class MethodOutput:
     loss: Tensor
     logits: Tensor
     stats: dict[str, Tensor] = field(default_factory=dict)
-
-
-class SectionTimer:
-    """Wall time of named sections of a method, for `make profile`.
-
-    Disabled during training (it would synchronise the device); when enabled each section
-    synchronises CUDA before and after, so its time is the section's own.
-    """
-
-    def __init__(self) -> None:
-        self.enabled = False
-        self.totals_ms: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, int] = defaultdict(int)
-
-    def reset(self) -> None:
-        self.totals_ms.clear()
-        self.counts.clear()
-
-    @contextmanager
-    def section(self, name: str, device: torch.device) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        yield
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        self.totals_ms[name] += (time.perf_counter() - start) * 1e3
-        self.counts[name] += 1
 
 
 def uniform_choice(options: list | tuple, rng: torch.Generator):
@@ -104,7 +71,6 @@ class Method:
     # Parameter-name prefixes that may get no gradient in a step; non-empty switches DDP's
     # find_unused_parameters on (which costs a graph traversal per step).
     unused_parameters: ClassVar[tuple[str, ...]] = ()
-    table_order: ClassVar[int] = 100  # row position in profile and compare tables
 
     def __init__(
         self, settings: MethodSettings, label_smoothing: float = 0.0, rank: int = 0
@@ -116,7 +82,15 @@ class Method:
         self.settings = settings
         self.label_smoothing = label_smoothing
         self.rank = rank  # the process's global rank: what `draws: per_rank` draws apart
-        self.timer = SectionTimer()
+        self.range_prefix = self.name  # profiler ranges are `<range_prefix>/<section>`
+
+    def section(self, name: str) -> AbstractContextManager[object]:
+        """A profiler range `<method>/<name>` for `profile`; no op at all when none runs."""
+        # torch's own flag for this check (inductor reads it too): a range would cost an op
+        # through the dispatcher on every step of training.
+        if not torch.autograd.profiler._is_profiler_enabled:
+            return nullcontext()
+        return record_function(f"{self.range_prefix}/{name}")
 
     def choice_generator(self, rng: torch.Generator) -> torch.Generator:
         """Where this step's choices other than λ come from: `rng` under `draws: global`; under

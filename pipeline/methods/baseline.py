@@ -14,8 +14,6 @@ from pipeline.models import MixNet
 class Baseline(Method):
     """No mixing: cross-entropy on the clean batch. Its settings are `name` alone."""
 
-    table_order = 0
-
     def __call__(self, model: MixNet, images: Tensor, labels: Tensor, rng: torch.Generator):
         logits = model(images)
         return MethodOutput(self.clean_loss(logits, labels), logits)

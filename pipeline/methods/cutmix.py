@@ -22,12 +22,11 @@ class CutMix(Method):
     the share of each image left unpasted (the box is clipped at the border)."""
 
     Settings = CutMixSettings
-    table_order = 20
 
     def __call__(self, model: MixNet, images: Tensor, labels: Tensor, rng: torch.Generator):
         choices = self.choice_generator(rng)
         s = sample_mix(images.shape[0], self.settings.alpha, images.device, rng, choices)
-        with self.timer.section("mix", images.device):
+        with self.section("mix"):
             mixed, lam = cutmix(images, s.perm, s.lam, generator=choices)
         logits = model(mixed)
         loss = mixed_cross_entropy(logits, labels, s.perm, lam, self.label_smoothing)

@@ -35,12 +35,11 @@ class FMix(Method):
     """One mask per batch, the same for every sample, as the authors' code."""
 
     Settings = FMixSettings
-    table_order = 54
 
     def __call__(self, model: MixNet, images: Tensor, labels: Tensor, rng: torch.Generator):
         choices = self.choice_generator(rng)
         s = sample_mix(images.shape[0], self.settings.alpha, images.device, rng, choices)
-        with self.timer.section("mix", images.device):
+        with self.section("mix"):
             mixed, lam = fmix(images, s.perm, s.lam, self.settings.decay_power, choices)
         logits = model(mixed)
         loss = mixed_cross_entropy(logits, labels, s.perm, lam, self.label_smoothing)

@@ -16,12 +16,11 @@ class InputMixup(Method):
     """Mix the images: λx + (1−λ)x[π], λ ~ Beta(α, α) and π drawn once per batch."""
 
     Settings = MixSettings
-    table_order = 10
 
     def __call__(self, model: MixNet, images: Tensor, labels: Tensor, rng: torch.Generator):
         choices = self.choice_generator(rng)
         s = sample_mix(images.shape[0], self.settings.alpha, images.device, rng, choices)
-        with self.timer.section("mix", images.device):
+        with self.section("mix"):
             mixed = input_mixup(images, s.perm, s.lam)
         logits = model(mixed)
         loss = mixed_cross_entropy(logits, labels, s.perm, s.lam, self.label_smoothing)

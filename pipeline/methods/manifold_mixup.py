@@ -33,7 +33,6 @@ class ManifoldMixup(Method):
     """Mix at a level drawn uniformly from `levels` per batch, then run the rest of the model."""
 
     Settings = ManifoldMixupSettings
-    table_order = 30
 
     def check_model(self, model: MixNet) -> None:
         if model.num_levels < 2:
@@ -54,7 +53,7 @@ class ManifoldMixup(Method):
         level = uniform_choice(self.settings.levels, choices)
         s = sample_mix(images.shape[0], self.settings.alpha, images.device, rng, choices)
         hidden = model.forward_levels(images, 0, level)
-        with self.timer.section("mix", images.device):
+        with self.section("mix"):
             hidden = mix(hidden, hidden[s.perm], s.lam)
         logits = model.head(model.forward_levels(hidden, level, model.num_levels))
         loss = mixed_cross_entropy(logits, labels, s.perm, s.lam, self.label_smoothing)

@@ -19,7 +19,13 @@ from torch import Tensor
 from pipeline.methods.base import Method, MethodOutput, MixSettings, uniform_choice
 from pipeline.methods.registry import register_method
 from pipeline.mixing import per_sample_mixed_cross_entropy, sample_mix
-from pipeline.mixing.puzzlemix import puzzle_mix, saliency_norm
+from pipeline.mixing.puzzlemix import (
+    PuzzleOptions,
+    mix_by_mask,
+    puzzle_mask,
+    puzzle_transport,
+    saliency_norm,
+)
 from pipeline.models import MixNet
 
 
@@ -72,7 +78,24 @@ class PuzzleMix(Method):
     mask and transport, then the mixed loss with per-sample λ = mask mean."""
 
     Settings = PuzzleMixSettings
-    table_order = 40
+
+    def __init__(
+        self, settings: PuzzleMixSettings, label_smoothing: float = 0.0, rank: int = 0
+    ) -> None:
+        """As every method, with the mixing functions' options built once from `settings`."""
+        super().__init__(settings, label_smoothing, rank)
+        st = settings
+        self.options = PuzzleOptions(
+            n_labels=st.n_labels,
+            beta=st.beta,
+            gamma=st.gamma,
+            eta=st.eta,
+            neigh_size=st.neigh_size,
+            pixel_std=tuple(st.pixel_std),
+            t_eps=st.t_eps,
+            t_size=st.t_size,
+            solver=st.transport_solver,
+        )
 
     def saliency(self, model: MixNet, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """(‖∂L/∂x‖₂ over channels, (B, H, W); the clean loss, mean CE(model(x), y)).
@@ -108,27 +131,19 @@ class PuzzleMix(Method):
         choices = self.choice_generator(rng)
         s = sample_mix(images.shape[0], st.alpha, device, rng, choices)
         grid = uniform_choice(st.block_nums, choices)
-        with self.timer.section("saliency", device):
+        with self.section("saliency"):
             saliency, clean = self.saliency(model, images, labels)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            mixed, lam, _ = puzzle_mix(
-                images.float(),
-                s.perm,
-                saliency,
-                s.lam,
-                grid,
-                n_labels=st.n_labels,
-                beta=st.beta,
-                gamma=st.gamma,
-                eta=st.eta,
-                neigh_size=st.neigh_size,
-                transport_blocks=st.transport,
-                t_eps=st.t_eps,
-                t_size=st.t_size,
-                solver=st.transport_solver,
-                pixel_std=st.pixel_std,
-                section=lambda name: self.timer.section(name, device),
-            )
+            x = images.float()
+            with self.section("graphcut"):
+                mask = puzzle_mask(x, s.perm, saliency, s.lam, grid, self.options)
+            if st.transport:
+                with self.section("transport"):
+                    x, partner = puzzle_transport(x, s.perm, saliency, mask, self.options)
+            else:
+                partner = x[s.perm]
+            with self.section("mix"):
+                mixed, lam = mix_by_mask(x, partner, mask)
         if images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last):
             mixed = mixed.contiguous(memory_format=torch.channels_last)
         mixed = mixed.to(images.dtype)

@@ -43,9 +43,8 @@ def register_method(name: str) -> Callable[[M], M]:
 
 
 def method_names() -> list[str]:
-    """Registered method names in table order (the paper's Table 2 order for the built-ins)."""
-    order = list(_METHODS)
-    return sorted(order, key=lambda n: (_METHODS[n].table_order, order.index(n)))
+    """Registered method names, sorted (tables order them: `pipeline.tools.method_order`)."""
+    return sorted(_METHODS)
 
 
 def method_class(name: str) -> type[Method]:

@@ -56,7 +56,6 @@ class ResizeMix(Method):
     """Each partner x[π] resized whole into one patch, pasted at one place for the batch."""
 
     Settings = ResizeMixSettings
-    table_order = 52
 
     def __call__(self, model: MixNet, images: Tensor, labels: Tensor, rng: torch.Generator):
         choices = self.choice_generator(rng)
@@ -64,7 +63,7 @@ class ResizeMix(Method):
         s = sample_mix(images.shape[0], self.settings.alpha, images.device, rng, choices)
         low, high = self.settings.scale_min, self.settings.scale_max
         scale = low + (high - low) * s.lam
-        with self.timer.section("mix", images.device):
+        with self.section("mix"):
             mixed, lam = resizemix(images, s.perm, scale, choices, self.settings.interpolation)
         logits = model(mixed)
         loss = mixed_cross_entropy(logits, labels, s.perm, lam, self.label_smoothing)

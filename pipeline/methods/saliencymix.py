@@ -41,15 +41,14 @@ class SaliencyMix(Method):
     border, and a peak near the border clips it often)."""
 
     Settings = SaliencyMixSettings
-    table_order = 50
 
     def __call__(self, model: MixNet, images: Tensor, labels: Tensor, rng: torch.Generator):
         choices = self.choice_generator(rng)
         s = sample_mix(images.shape[0], self.settings.alpha, images.device, rng, choices)
         per_image = self.settings.boxes == "per_image"
-        with self.timer.section("saliency", images.device):
+        with self.section("saliency"):
             boxes = saliency_boxes(images, s.perm, s.lam, per_image)
-        with self.timer.section("mix", images.device):
+        with self.section("mix"):
             mixed, lam = paste_boxes(images, s.perm, boxes)
         logits = model(mixed)
         if per_image:

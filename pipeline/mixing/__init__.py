@@ -11,10 +11,11 @@ from pipeline.mixing.basic import (
     per_sample_mixed_cross_entropy,
     sample_mix,
 )
-from pipeline.mixing.sinkhorn import SinkhornResult, sinkhorn, squared_cost
+from pipeline.mixing.sinkhorn import SinkhornOptions, SinkhornResult, sinkhorn, squared_cost
 
 __all__ = [
     "MixSample",
+    "SinkhornOptions",
     "SinkhornResult",
     "align",
     "align_features",

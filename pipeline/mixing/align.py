@@ -8,18 +8,13 @@ that dtype's rounding (relative 2^-8 for bf16, 2^-11 for fp16) of the features' 
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor
 
 from pipeline.mixing.basic import check_lam
-from pipeline.mixing.sinkhorn import sinkhorn, squared_cost
+from pipeline.mixing.sinkhorn import DEFAULT_SINKHORN, SinkhornOptions, sinkhorn, squared_cost
 
 __all__ = ["align", "align_features", "align_mix", "mix_aligned"]
-
-Mode = Literal["authors", "converged"]
-Backend = Literal["auto", "eager", "triton"]
 
 
 def _check_pair(a: Tensor, a_partner: Tensor) -> None:
@@ -47,24 +42,14 @@ def _check_direction(direction: int) -> None:
         raise ValueError(f"direction must be 0 (eq. 11) or 1 (eq. 12), got {direction!r}")
 
 
-def align(
-    a: Tensor,
-    a_partner: Tensor,
-    mode: Mode = "authors",
-    eps: float = 0.1,
-    max_iter: int | None = None,
-    tol: float = 1e-3,
-    host_checks: bool | None = None,
-    backend: Backend = "auto",
-) -> Tensor:
+def align(a: Tensor, a_partner: Tensor, options: SinkhornOptions = DEFAULT_SINKHORN) -> Tensor:
     """Assignment matrix R = r·P* (B, r, r) float32; rows index A's positions, columns A''s.
-    `mode`, `eps`, `max_iter`, `tol` (converged mode's marginal tolerance), `host_checks`
-    (None: no host sync for the authors' mode on CUDA) and `backend` go to `sinkhorn`."""
+    `options` go to `sinkhorn`."""
     _check_pair(a, a_partner)
     feats = a.detach().flatten(2).transpose(1, 2)  # (B, r, c): row i is a_i
     partner = a_partner.detach().flatten(2).transpose(1, 2)
     cost = squared_cost(feats, partner)
-    plan = sinkhorn(cost, eps, max_iter, mode, tol, host_checks=host_checks, backend=backend).plan
+    plan = sinkhorn(cost, options).plan
     assignment = plan * plan.shape[1]
     # The authors' plans are full of subnormal entries (exp of −100 and below); they add
     # nothing to the mix but make CPU matmuls several times slower, so they become 0.
@@ -82,15 +67,7 @@ def _aligned(a: Tensor, a_partner: Tensor, assignment: Tensor, direction: int) -
 
 
 def align_features(
-    a: Tensor,
-    a_partner: Tensor,
-    direction: int,
-    mode: Mode = "authors",
-    eps: float = 0.1,
-    max_iter: int | None = None,
-    tol: float = 1e-3,
-    host_checks: bool | None = None,
-    backend: Backend = "auto",
+    a: Tensor, a_partner: Tensor, direction: int, options: SinkhornOptions = DEFAULT_SINKHORN
 ) -> Tensor:
     """Ã = A'Rᵀ (direction 0, A' in A's geometry) or Ã' = AR (direction 1), (B, c, h, w).
 
@@ -98,7 +75,7 @@ def align_features(
     (direction 1) at any λ without solving the transport problem again.
     """
     _check_direction(direction)
-    assignment = align(a, a_partner, mode, eps, max_iter, tol, host_checks, backend)
+    assignment = align(a, a_partner, options)
     return _aligned(a, a_partner, assignment, direction)
 
 
@@ -107,22 +84,16 @@ def align_mix(
     a_partner: Tensor,
     lam: float,
     direction: int,
-    mode: Mode = "authors",
-    eps: float = 0.1,
-    max_iter: int | None = None,
-    tol: float = 1e-3,
-    host_checks: bool | None = None,
-    backend: Backend = "auto",
+    options: SinkhornOptions = DEFAULT_SINKHORN,
 ) -> Tensor:
     """AlignMixup: λA + (1−λ)A'Rᵀ (direction 0, eq. 11) or λAR + (1−λ)A' (direction 1, eq. 12).
 
     `a`, `a_partner` are (B, c, h, w) features (A' = A[perm] in training); the output has
-    their shape and dtype. `mode`, `eps`, `max_iter`, `tol`, `host_checks`, `backend` go to
-    `sinkhorn` (None: its default).
+    their shape and dtype. `options` go to `sinkhorn`.
     """
     _check_pair(a, a_partner)
     _check_direction(direction)
-    assignment = align(a, a_partner, mode, eps, max_iter, tol, host_checks, backend)
+    assignment = align(a, a_partner, options)
     return mix_aligned(a, a_partner, assignment, lam, direction)
 
 

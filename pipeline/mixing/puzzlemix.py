@@ -14,14 +14,15 @@ with its partner `x' = x[π]` on an `n × n` grid of square blocks:
 4. `mix_by_mask`: `z·x̃ + (1 − z)·x̃'` with the mask upsampled to pixels; per-sample λ is the mask
    mean, and `pipeline.mixing.per_sample_mixed_cross_entropy` weights the two labels by it.
 
-`puzzle_mix` composes 2–4. Bad input raises ValueError saying what was expected.
+`puzzle_mask` composes 1–2 and `puzzle_transport` 3, both with the options of one
+`PuzzleOptions`; the method (`pipeline.methods.puzzlemix`) runs them, then `mix_by_mask`. Bad
+input raises ValueError saying what was expected.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from numbers import Real
 from typing import Literal, NamedTuple
 
@@ -33,7 +34,9 @@ from torch import Tensor
 from pipeline.mixing.basic import _check_perm, check_lam
 
 __all__ = [
+    "DEFAULT_PUZZLE",
     "GRAPHCUT_RESOLUTION",
+    "PuzzleOptions",
     "PuzzleTerms",
     "block_saliency",
     "boundary_distances",
@@ -44,8 +47,9 @@ __all__ = [
     "mix_by_mask",
     "move_blocks",
     "puzzle_energy",
-    "puzzle_mix",
+    "puzzle_mask",
     "puzzle_terms",
+    "puzzle_transport",
     "saliency_norm",
     "transport",
     "transport_cost",
@@ -55,6 +59,27 @@ __all__ = [
 # rounding, so a term is exact to 2⁻²¹ of the largest one and sums stay far from int32 overflow.
 GRAPHCUT_RESOLUTION = 2**20
 _PRIOR_EPS = 1e-8  # the authors' ε inside −log(p + ε)
+
+
+@dataclass(frozen=True)
+class PuzzleOptions:
+    """PuzzleMix's options as one value, built once from the method's settings (defaults: the
+    authors' ImageNet recipe): the mask energy's, then the transport's."""
+
+    n_labels: int = 3  # mask values per block: {0, 1/(L−1), …, 1}
+    beta: float = 1.2  # label smoothness β
+    gamma: float = 0.5  # data (seam) smoothness γ, relative to β
+    eta: float = 0.2  # weight η of the λ prior
+    neigh_size: int = 2  # pixels per cell the seams are compared on
+    # per-channel std of the data normalisation: seams are measured on `images · std` (pixel
+    # units, as the authors'); None: on the images as given
+    pixel_std: tuple[float, ...] | None = None
+    t_eps: float = 0.8  # transport: weight of the distance a block moves
+    t_size: int | None = None  # transport block side in pixels; None: the graph-cut blocks
+    solver: Literal["authors", "exact"] = "authors"  # transport: greedy bidding or optimal
+
+
+DEFAULT_PUZZLE = PuzzleOptions()
 
 
 # --- checks ---------------------------------------------------------------------------------
@@ -208,18 +233,14 @@ def puzzle_terms(
     images: Tensor,
     partner: Tensor,
     lam: float,
-    *,
-    n_labels: int = 3,
-    beta: float = 1.2,
-    gamma: float = 0.5,
-    eta: float = 0.2,
-    neigh_size: int = 2,
+    options: PuzzleOptions = DEFAULT_PUZZLE,
 ) -> PuzzleTerms:
     """The PuzzleMix mask energy of each sample, as the authors' graph cut minimises it.
 
     `saliency`, `saliency_partner`: (B, n, n) block saliencies s, s' (from `block_saliency`, each
     summing to 1); `images`, `partner`: (B, C, H, W) in the units the seams are measured in (the
-    authors': pixel values in [0, 1], i.e. normalised images times the data std). With β' =
+    authors': pixel values in [0, 1], i.e. normalised images times the data std). `options`
+    give L = `n_labels`, β, γ, η and `neigh_size` (the rest is not used here). With β' =
     β / (16 n) (the authors' normalisation of β by the grid), the energy of a mask z is
 
         E(z) = Σ_b [z_b s'_b + (1 − z_b) s_b]                      saliency of what is covered
@@ -245,11 +266,10 @@ def puzzle_terms(
     _check_images(images)
     if images.shape[0] != batch:
         raise ValueError(f"images must hold {batch} samples (as saliency), got {images.shape[0]}")
-    beta, gamma, eta = (
-        _check_nonneg(v, k) for v, k in ((beta, "beta"), (gamma, "gamma"), (eta, "eta"))
-    )
-    prior = label_prior(lam, n_labels) * (eta / grid**2)
-    d_v, d_h = (d.double().cpu() for d in boundary_distances(images, partner, grid, neigh_size))
+    beta, gamma, eta = (_check_nonneg(getattr(options, k), k) for k in ("beta", "gamma", "eta"))
+    prior = label_prior(lam, options.n_labels) * (eta / grid**2)
+    distances = boundary_distances(images, partner, grid, options.neigh_size)
+    d_v, d_h = (d.double().cpu() for d in distances)
     beta_n = beta / grid / 16.0
     seam = beta_n * gamma
     cost_x = saliency_partner.detach().double().cpu().clone()
@@ -512,37 +532,21 @@ def mix_by_mask(images: Tensor, partner: Tensor, mask: Tensor) -> tuple[Tensor, 
     return z * images + (1 - z) * partner, mask.float().mean((1, 2)).to(images.device)
 
 
-def puzzle_mix(
+def puzzle_mask(
     images: Tensor,
     perm: Tensor,
     saliency: Tensor,
     lam: float,
     grid: int,
-    *,
-    n_labels: int = 3,
-    beta: float = 1.2,
-    gamma: float = 0.5,
-    eta: float = 0.2,
-    neigh_size: int = 2,
-    transport_blocks: bool = True,
-    t_eps: float = 0.8,
-    t_size: int | None = None,
-    solver: Literal["authors", "exact"] = "authors",
-    pixel_std: Sequence[float] | None = None,
-    section: Callable[[str], AbstractContextManager] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """PuzzleMix of (B, C, H, W) `images` with `images[perm]` on an n × n grid (`grid` = n).
+    options: PuzzleOptions = DEFAULT_PUZZLE,
+) -> Tensor:
+    """The PuzzleMix mask of (B, C, H, W) `images` and `images[perm]` on an n × n grid (`grid` =
+    n): block saliencies, `puzzle_terms` and `graphcut_mask` → (B, n, n) on the images' device.
 
     `saliency`: (B, H, W) per-pixel saliency (`saliency_norm` of the clean loss's input
-    gradient); `lam`: the drawn λ, which enters only through the prior. `pixel_std`: per-channel
-    std of the data normalisation; the seams are measured on `images · std` (pixel units, as the
-    authors'), None: as given. Transport, when on, works on blocks of `min(t_size, H/n)` pixels
-    (None: the graph-cut blocks): the mask is repeated to that grid, the saliency re-pooled.
-    `section(name)` wraps "graphcut", "transport" and "mix" (a timer; default: nothing).
-
-    Returns (mixed images, per-sample λ (B,) = mask mean, mask (B, n, n)).
+    gradient); `lam`: the drawn λ, which enters only through the prior; the seams are measured
+    on `images · options.pixel_std` when it is given.
     """
-    section = section or (lambda name: nullcontext())
     _check_images(images)
     _check_perm(perm, images.shape[0])
     side = images.shape[-1]
@@ -551,8 +555,8 @@ def puzzle_mix(
             f"saliency must have shape (B, H, W) = {(images.shape[0], side, side)}, got "
             f"{tuple(saliency.shape)}"
         )
-    block = _block_size(side, grid)
     scaled = images
+    pixel_std = options.pixel_std
     if pixel_std is not None:
         if len(pixel_std) != images.shape[1] or min(pixel_std) <= 0:
             raise ValueError(
@@ -560,26 +564,34 @@ def puzzle_mix(
                 f"{list(pixel_std)}"
             )
         scaled = images * torch.tensor(pixel_std, device=images.device).view(1, -1, 1, 1)
-    partner = images[perm]
-    with section("graphcut"):
-        s = block_saliency(saliency, grid)
-        terms = puzzle_terms(
-            s, s[perm], scaled, scaled[perm], lam,
-            n_labels=n_labels, beta=beta, gamma=gamma, eta=eta, neigh_size=neigh_size,
-        )  # fmt: skip
-        mask = graphcut_mask(terms).to(images.device)
-    if transport_blocks:
-        with section("transport"):
-            if t_size is not None and (not isinstance(t_size, int) or t_size < 1):
-                raise ValueError(f"t_size must be a positive integer or None, got {t_size!r}")
-            t_block = block if t_size is None else min(t_size, block)
-            if block % t_block:
-                raise ValueError(f"t_size {t_size} must divide the block size {block}")
-            m = side // t_block
-            mask_t = _upsample(mask, block // t_block)
-            s_t = s if m == grid else block_saliency(saliency, m)
-            images = transport(images, s_t, mask_t > 0, t_eps, solver)
-            partner = transport(partner, s_t[perm], mask_t < 1, t_eps, solver)
-    with section("mix"):
-        mixed, lam_b = mix_by_mask(images, partner, mask)
-    return mixed, lam_b, mask
+    s = block_saliency(saliency, grid)
+    terms = puzzle_terms(s, s[perm], scaled, scaled[perm], lam, options)
+    return graphcut_mask(terms).to(images.device)
+
+
+def puzzle_transport(
+    images: Tensor,
+    perm: Tensor,
+    saliency: Tensor,
+    mask: Tensor,
+    options: PuzzleOptions = DEFAULT_PUZZLE,
+) -> tuple[Tensor, Tensor]:
+    """`images` and `images[perm]` with their salient blocks moved to where the (B, n, n) `mask`
+    shows each (`transport`), ready for `mix_by_mask` with the same mask.
+
+    Transport works on blocks of `min(options.t_size, H/n)` pixels (None: the mask's blocks):
+    the mask is repeated to that grid and the (B, H, W) `saliency` pooled on it.
+    """
+    _check_images(images)
+    _check_perm(perm, images.shape[0])
+    side, t_size = images.shape[-1], options.t_size
+    block = _block_size(side, mask.shape[-1], "the mask's grid")
+    if t_size is not None and (not isinstance(t_size, int) or t_size < 1):
+        raise ValueError(f"t_size must be a positive integer or None, got {t_size!r}")
+    t_block = block if t_size is None else min(t_size, block)
+    if block % t_block:
+        raise ValueError(f"t_size {t_size} must divide the block size {block}")
+    mask_t = _upsample(mask, block // t_block)
+    s_t = block_saliency(saliency, side // t_block)
+    moved = transport(images, s_t, mask_t > 0, options.t_eps, options.solver)
+    return moved, transport(images[perm], s_t[perm], mask_t < 1, options.t_eps, options.solver)

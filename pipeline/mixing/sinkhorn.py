@@ -14,23 +14,47 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["BACKENDS", "MODES", "SinkhornResult", "sinkhorn", "squared_cost"]
+from pipeline.mixing.sinkhorn_constants import AUTHORS_LOG_OFFSET, AUTHORS_THRESHOLD
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_SINKHORN",
+    "MODES",
+    "SinkhornOptions",
+    "SinkhornResult",
+    "sinkhorn",
+    "squared_cost",
+]
 
 MODES = ("authors", "converged")
 BACKENDS = ("auto", "eager", "triton")
-# The authors' early exit: mean over the batch of the L1 change of the row potential.
-_AUTHORS_THRESHOLD = 0.1
-# Their marginals carry a 1e-8 inside the log; kept so their potentials are reproduced.
-_AUTHORS_LOG_OFFSET = 1e-8
 # exp() floor inside logsumexp: float32 exp(-87) is still a normal number (see _logsumexp_).
 _EXP_FLOOR = -87.0
 # Default iteration caps when `max_iter` is None.
 _DEFAULT_MAX_ITER = {"authors": 100, "converged": 1000}
+
+
+@dataclass(frozen=True)
+class SinkhornOptions:
+    """How `sinkhorn` solves, as one value: `align`, `align_mix` and the methods' settings pass
+    it on whole instead of repeating six keywords (see `sinkhorn` for each field)."""
+
+    mode: Literal["authors", "converged"] = "authors"
+    eps: float = 0.1
+    max_iter: int | None = None  # None: 100 for "authors", 1000 for "converged"
+    tol: float = 1e-3
+    check_every: int = 10
+    host_checks: bool | None = None
+    backend: Literal["auto", "eager", "triton"] = "auto"
+
+
+DEFAULT_SINKHORN = SinkhornOptions()  # the authors' solver, where no options are given
 
 
 class SinkhornResult(NamedTuple):
@@ -68,17 +92,10 @@ def squared_cost(a: Tensor, b: Tensor) -> Tensor:
         return torch.baddbmm(norms, a, b.transpose(1, 2), alpha=-2.0).clamp_min(0.0)
 
 
-def sinkhorn(
-    cost: Tensor,
-    eps: float = 0.1,
-    max_iter: int | None = None,
-    mode: Literal["authors", "converged"] = "authors",
-    tol: float = 1e-3,
-    check_every: int = 10,
-    host_checks: bool | None = None,
-    backend: Literal["auto", "eager", "triton"] = "auto",
-) -> SinkhornResult:
+def sinkhorn(cost: Tensor, options: SinkhornOptions = DEFAULT_SINKHORN) -> SinkhornResult:
     """Entropic OT plan with uniform marginals for a batch of (r, s) costs, in float32.
+
+    The fields of `options` (`SinkhornOptions`) choose the solver:
 
     `mode="authors"` reproduces the AlignMixup authors' solver: raw costs, absolute `eps`,
     potentials from 0, exit after the first iteration where the batch mean of Σ|u − u_prev|
@@ -122,6 +139,8 @@ def sinkhorn(
     CUDA default path: there a non-finite cost gives a NaN plan, and the trainer stops on the
     NaN loss it causes, naming the step).
     """
+    mode, eps, tol, check_every = options.mode, options.eps, options.tol, options.check_every
+    max_iter, host_checks, backend = options.max_iter, options.host_checks, options.backend
     if mode not in MODES:
         raise ValueError(f"sinkhorn mode must be one of {MODES}, got {mode!r}")
     if cost.dim() != 3 or cost.shape[1] < 1 or cost.shape[2] < 1:
@@ -209,8 +228,8 @@ def _authors(
     batch, r, s = cost.shape
     ones_r = torch.full((batch, r), 1.0 / r, device=cost.device)
     ones_s = torch.full((batch, s), 1.0 / s, device=cost.device)
-    log_mu = torch.log(ones_r + _AUTHORS_LOG_OFFSET)
-    log_nu = torch.log(ones_s + _AUTHORS_LOG_OFFSET)
+    log_mu = torch.log(ones_r + AUTHORS_LOG_OFFSET)
+    log_nu = torch.log(ones_s + AUTHORS_LOG_OFFSET)
     u, v = torch.zeros_like(log_mu), torch.zeros_like(log_nu)
     neg_cost = -cost
     work = torch.empty_like(cost)
@@ -233,7 +252,7 @@ def _authors(
             u_new, v_new, err = step(u, v)
             iterations += (~done).long()
             u, v = torch.where(done, u, u_new), torch.where(done, v, v_new)  # frozen once met
-            done |= err < _AUTHORS_THRESHOLD
+            done |= err < AUTHORS_THRESHOLD
         return torch.exp((neg_cost + u[:, :, None] + v[:, None, :]) / eps), iterations
 
     done = 0
@@ -244,7 +263,7 @@ def _authors(
         for k in range(steps):
             u, v, errs[k] = step(u, v)
             history.append((u, v))
-        met = (errs < _AUTHORS_THRESHOLD).tolist()  # the chunk's one host sync
+        met = (errs < AUTHORS_THRESHOLD).tolist()  # the chunk's one host sync
         if True in met:
             first = met.index(True)
             u, v = history[first]

@@ -34,7 +34,7 @@ import os
 import torch
 from torch import Tensor
 
-from pipeline.mixing.sinkhorn import _AUTHORS_LOG_OFFSET, _AUTHORS_THRESHOLD
+from pipeline.mixing.sinkhorn_constants import AUTHORS_LOG_OFFSET, AUTHORS_THRESHOLD
 
 __all__ = ["MAX_SIDE", "available", "fits", "fused_sinkhorn", "runs_on"]
 
@@ -84,7 +84,7 @@ def _blocks(r: int, s: int) -> tuple[int, int, int]:
 
 def _log_marginal(n: int) -> float:
     """log(1/n + 1e-8) in float32, as the authors' (and the eager solver's) marginals."""
-    return float(torch.log(torch.tensor(1.0 / n, dtype=torch.float32) + _AUTHORS_LOG_OFFSET))
+    return float(torch.log(torch.tensor(1.0 / n, dtype=torch.float32) + AUTHORS_LOG_OFFSET))
 
 
 @torch.library.custom_op("alignmixup::sinkhorn", mutates_args=())
@@ -112,7 +112,7 @@ def _sinkhorn_op(
         )  # fmt: skip
         kernels.authors_plan[grid](
             cost, errs, plan, stats, iters, batch, r, s, eps, log_mu, log_nu, max_iter,
-            _AUTHORS_THRESHOLD, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_B=128, num_warps=warps,
+            AUTHORS_THRESHOLD, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_B=128, num_warps=warps,
         )  # fmt: skip
     else:
         log_r, log_s = -math.log(r), -math.log(s)  # as the eager solver's scalars

@@ -174,8 +174,7 @@ def read_weights(
 def _locate(path: str | Path) -> Path:
     """The model file or checkpoint folder that `path` (a file, a run folder, a checkpoint
     folder or an MLflow run id) names."""
-    from pipeline.runs.store import run_folder
-    from pipeline.runs.tracking import resolve_tracking_uri
+    from pipeline.runs.store import resolve_tracking_uri, run_folder
 
     p = run_folder(str(path), resolve_tracking_uri(), "--checkpoint") or Path(path)
     return p / FINAL_MODEL if p.is_dir() and (p / FINAL_MODEL).is_file() else p

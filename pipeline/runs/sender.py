@@ -16,6 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.runs.journal import read_entries
+from pipeline.runs.store import (
+    absolute_uri,
+    client_for,
+    experiment_id,
+    quick_failing_client_settings,
+)
 
 STATE = "sent.json"
 _METRICS_PER_CALL = 1000  # MLflow's log_batch limits
@@ -43,39 +49,6 @@ class SendState:
         os.replace(tmp, folder / STATE)
 
 
-def quick_failing_client_settings() -> None:
-    """MLflow's HTTP client retries for minutes by default; the sender does its own retrying in
-    the background, so each call should fail within seconds (unless the user set these)."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-
-
-_READY: set[str] = set()
-
-
-def client_for(uri: str):
-    """An MlflowClient for `uri`. A new SQLite store creates its tables on first use, and jobs
-    starting at once would run those migrations together and break the file; so the first use
-    in each process takes an exclusive lock beside the database (`<db>.lock`) around it."""
-    from mlflow.tracking import MlflowClient
-
-    if not uri.startswith("sqlite:///") or uri in _READY:
-        return MlflowClient(tracking_uri=uri)
-    import fcntl
-
-    db = Path(uri.removeprefix("sqlite:///"))
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{db}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:  # the client is made under the lock too: its store may migrate on creation
-            client = MlflowClient(tracking_uri=uri)
-            client.search_experiments(max_results=1)  # creates or upgrades the tables
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    _READY.add(uri)
-    return client
-
-
 def _params(values: dict[str, Any]):
     from mlflow.entities import Param
 
@@ -84,7 +57,6 @@ def _params(values: dict[str, Any]):
 
 def _send_start(client, entry: dict, state: SendState, folder: Path) -> None:
     from pipeline.runs.provenance import DIFF_FOLDER, source_tags
-    from pipeline.runs.tracking import experiment_id
 
     if state.run_id is None:
         exp = experiment_id(entry["experiment"], state.uri)
@@ -138,8 +110,6 @@ def send_pending(folder: Path, uri: str, stop=None) -> int:
     `stop`, a threading.Event, ends the loop between calls. A line that is not an entry is
     stepped over (read_entries says which), so what follows it is delivered, once.
     """
-    from pipeline.runs.tracking import absolute_uri
-
     quick_failing_client_settings()
     uri = absolute_uri(uri)  # recorded: it names the same store from any working directory
     state = SendState.read(folder)

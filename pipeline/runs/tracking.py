@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,8 @@ from pipeline.recipe import Recipe, dump_recipe
 from pipeline.runs import provenance
 from pipeline.runs.journal import FILE, Journal, read_entries
 from pipeline.runs.sender import SendState, pending_bytes, send_pending
+from pipeline.runs.store import absolute_uri, probe, resolve_tracking_uri
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 FOLDER = "tracking"  # inside the run's output folder
 # MLflow keeps no unit per metric; every run this pipeline logs says them in its description
 # (the `mlflow.note.content` tag, shown at the top of the run's page in the UI).
@@ -34,77 +33,6 @@ UNITS_NOTE = (
     "milliseconds per training step, perf/images_per_s images per second."
 )
 DESCRIPTION_TAG = "mlflow.note.content"
-
-
-def resolve_tracking_uri(recipe_uri: str | None = None) -> str:
-    """The recipe's URI, else `$MLFLOW_TRACKING_URI`, else a SQLite store in the working dir."""
-    return recipe_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-def absolute_uri(uri: str) -> str:
-    """`uri` with a relative SQLite path made absolute (from the working directory), so that it
-    names the same store when it is read back from another folder."""
-    prefix = "sqlite:///"
-    path = uri[len(prefix) :]
-    if uri.startswith(prefix) and not path.startswith("/"):
-        return prefix + os.path.abspath(path)
-    return uri
-
-
-def artifact_root(uri: str) -> str | None:
-    """Where a SQLite store's artifacts go: `mlartifacts/` beside the database file.
-
-    MLflow would otherwise put them in `./mlruns` under whatever folder the process started
-    in, scattering a run's files when a requeued Slurm job starts elsewhere.
-    """
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix):
-        return None
-    return (Path(uri[len(prefix) :]).resolve().parent / "mlartifacts").as_uri()
-
-
-def experiment_id(name: str, uri: str) -> str:
-    """The id of experiment `name` at `uri`, created with its artifact root if it is new."""
-    from mlflow.exceptions import MlflowException
-
-    from pipeline.runs.sender import client_for
-
-    client = client_for(uri)
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_root(uri))
-    except MlflowException:  # created meanwhile by another job
-        found = client.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return found.experiment_id
-
-
-def probe(uri: str, timeout: float) -> str | None:
-    """None when the tracking store at `uri` answers within `timeout` s, else why not."""
-    from pipeline.runs.sender import quick_failing_client_settings
-
-    quick_failing_client_settings()
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if uri.startswith(("http://", "https://")):
-                import requests
-
-                left = max(1.0, deadline - time.monotonic())
-                requests.get(uri.rstrip("/") + "/health", timeout=left).raise_for_status()
-            else:
-                from pipeline.runs.sender import client_for
-
-                client_for(uri).search_experiments(max_results=1)
-            return None
-        except Exception as exc:  # any failure to answer is "not reachable"
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        if time.monotonic() + 2 > deadline:
-            return reason
-        time.sleep(2)
 
 
 def recorded_run_id(output_dir: str | Path) -> str | None:

@@ -7,6 +7,8 @@ repetition runs one step of each method in turn (round-robin), so clock drift, t
 throttling and other load hit all methods alike and the ratios stay fair. Stochastic methods
 (AlignMixup picks input or aligned mixing per batch, the AE trains its decoder on 1/5 of the
 batches) draw from per-step generators as in training, so many steps reflect their real mix.
+The methods' own sections (their `<method>/<section>` profiler ranges) are read from a torch
+profiler run over a pass of their own, so the profiler's cost stays out of the step times.
 """
 
 from __future__ import annotations
@@ -58,6 +60,15 @@ class Bench:
     times_ms: list[float] = field(default_factory=list)
 
 
+@dataclass
+class SectionTimes:
+    """One method's profiler ranges over a pass: per section, ms in all and calls."""
+
+    msec: dict[str, float] = field(default_factory=dict)  # device time on a GPU, else CPU time
+    host_msec: dict[str, float] = field(default_factory=dict)  # the host's time in the range
+    calls: dict[str, int] = field(default_factory=dict)
+
+
 def _applies(override: str, method: str) -> bool:
     """A `method.KEY=...` override applies to the methods whose settings have KEY; any other
     override to every method."""
@@ -84,16 +95,21 @@ def recipe_for(method: str, s: Settings) -> Recipe:
 
 
 def check_settings(s: Settings) -> None:
-    """Fail before any work: unknown methods, a `method.` override no profiled method has, or
-    an override that does not validate (the error names the key)."""
+    """Fail before any work: unknown or repeated methods (a method's profiler ranges carry its
+    name), a `method.` override no profiled method has, or an override that does not validate
+    (the error names the key)."""
     from pipeline.methods import method_names
+    from pipeline.tools.method_order import ordered_methods
 
-    known = method_names()
+    known = ordered_methods(method_names())
     unknown = [m for m in s.methods if m not in known]
     if unknown or not s.methods:
         raise PipelineError(
             f"--methods: unknown {unknown or s.methods}; choose from {', '.join(known)}"
         )
+    repeated = sorted({m for m in s.methods if s.methods.count(m) > 1})
+    if repeated:
+        raise PipelineError(f"--methods: {', '.join(repeated)} named more than once")
     for override in s.overrides:
         if not any(_applies(override, m) for m in s.methods):
             raise PipelineError(
@@ -124,7 +140,7 @@ def build_bench(
     from pipeline.methods import build_method
     from pipeline.models import count_parameters
     from pipeline.training.optim import build_optimizer
-    from pipeline.training.step import MethodRunner, step_generator, train_step
+    from pipeline.training.step import MethodRunner, StepSettings, step_generator, train_step
 
     recipe = recipe_for(method, s)
     chosen = build_method(recipe.method, recipe.optim.label_smoothing, accelerator.process_index)
@@ -149,8 +165,7 @@ def build_bench(
             images,
             labels,
             rng,
-            recipe.optim.grad_clip,
-            recipe.model.channels_last,
+            StepSettings(recipe.optim.grad_clip, recipe.model.channels_last),
         )
 
     return Bench(method, params, step, chosen, model, recipe)
@@ -178,6 +193,31 @@ def _round_robin(benches: list[Bench], device: torch.device, reps: int, record: 
                 bench.times_ms.append(elapsed)
 
 
+def section_times(
+    benches: list[Bench], device: torch.device, steps: int
+) -> dict[str, SectionTimes]:
+    """Per method, its sections over `steps` more interleaved steps, from a torch profiler run
+    filtered to the methods' `<method>/<section>` ranges (`Method.section`)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_gpu else [])]
+    with profile(activities=activities) as prof:
+        _round_robin(benches, device, steps, record=False)
+    times = {bench.name: SectionTimes() for bench in benches}
+    for event in sorted(prof.key_averages(), key=lambda e: e.key):
+        method, _, section = event.key.partition("/")
+        if method not in times or not section or event.device_type != DeviceType.CPU:
+            continue  # another op or range, or a range's copy on the GPU's timeline
+        own = times[method]
+        total_us = event.device_time_total if on_gpu else event.cpu_time_total
+        own.msec[section] = total_us / 1e3
+        own.host_msec[section] = event.cpu_time_total / 1e3
+        own.calls[section] = event.count
+    return times
+
+
 def _median_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
     times = []
     for _ in range(reps):
@@ -194,7 +234,7 @@ def alignment_split(
 ) -> dict[str, float]:
     """Median ms per call of the whole aligned mix and of its Sinkhorn solve alone.
 
-    The methods time `align` as one section; this splits it, on the same `A` (this model, train
+    The methods mark `align` as one section; this splits it, on the same `A` (this model, train
     mode, under the step's autocast) and a partner batch rolled by one, so both numbers share
     their input and the Sinkhorn share of the alignment is meaningful.
     """
@@ -208,13 +248,13 @@ def alignment_split(
         flat = a.flatten(2).transpose(1, 2)  # (B, r, c)
         flat_partner = partner.flatten(2).transpose(1, 2)
         reps = max(3, s.steps // 4)
-        result = sinkhorn(squared_cost(flat, flat_partner), **solver)
+        result = sinkhorn(squared_cost(flat, flat_partner), solver)
         return {
             "align_mix_msec_per_call": _median_ms(
-                lambda: align_mix(a, partner, 0.5, 0, **solver), device, reps
+                lambda: align_mix(a, partner, 0.5, 0, solver), device, reps
             ),
             "sinkhorn_msec_per_call": _median_ms(
-                lambda: sinkhorn(squared_cost(flat, flat_partner), **solver), device, reps
+                lambda: sinkhorn(squared_cost(flat, flat_partner), solver), device, reps
             ),
             "sinkhorn_iterations": int(result.iterations),
         }
@@ -228,12 +268,13 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
-def _record(bench: Bench, s: Settings, baseline_ms: float | None, split: dict) -> dict:
+def _record(
+    bench: Bench, s: Settings, baseline_ms: float | None, sections: SectionTimes, split: dict
+) -> dict:
     """One method's JSON record (see docs/profiling.md for the fields)."""
     q1, median, q3 = _quartiles(bench.times_ms)
-    timer = bench.method.timer
-    per_step = {name: total / s.steps for name, total in sorted(timer.totals_ms.items())}
-    per_call = {name: timer.totals_ms[name] / timer.counts[name] for name in sorted(timer.counts)}
+    per_step = {name: total / s.steps for name, total in sections.msec.items()}
+    per_call = {name: total / sections.calls[name] for name, total in sections.msec.items()}
     record = {
         "method": bench.name,
         "params": bench.params,
@@ -248,7 +289,10 @@ def _record(bench: Bench, s: Settings, baseline_ms: float | None, split: dict) -
         "hook_msec": sum(per_step.values()),
         "hook_sections_msec_per_step": per_step,
         "hook_sections_msec_per_call": per_call,
-        "hook_section_calls": dict(sorted(timer.counts.items())),
+        "hook_section_calls": sections.calls,
+        "hook_sections_host_msec_per_step": {
+            name: total / s.steps for name, total in sections.host_msec.items()
+        },
         "device": s.device,
         "settings": asdict(s),
     }
@@ -280,20 +324,12 @@ def _measure(s: Settings, log: Callable[[str], None]) -> list[dict]:
         log(f"building {method} ({s.model}, {s.size} px, batch {s.batch}, {s.device})")
         benches.append(build_bench(accelerator, method, s, images, labels))
 
-    # A method's sections synchronise the GPU, which would inflate the step times; there they are
-    # measured in a pass of their own. On a CPU a sync is a no-op, so one pass serves both.
-    separate_hook_pass = device.type == "cuda"
     log(f"warm-up: {s.warmup} step(s) per method")
     _round_robin(benches, device, s.warmup, record=False)
-    for bench in benches:
-        bench.method.timer.enabled = not separate_hook_pass
     log(f"timing: {s.steps} step(s) per method, interleaved")
     _round_robin(benches, device, s.steps, record=True)
-    if separate_hook_pass:
-        for bench in benches:
-            bench.method.timer.enabled = True
-        log(f"hook sections: {s.steps} more step(s) per method")
-        _round_robin(benches, device, s.steps, record=False)
+    log(f"hook sections: {s.steps} more step(s) per method, under torch's profiler")
+    sections = section_times(benches, device, s.steps)
 
     baseline = next((b for b in benches if b.name == "baseline"), None)
     baseline_ms = statistics.median(baseline.times_ms) if baseline else None
@@ -301,5 +337,5 @@ def _measure(s: Settings, log: Callable[[str], None]) -> list[dict]:
     for bench in benches:
         aligns = isinstance(bench.recipe.method, AlignSettings)
         split = alignment_split(accelerator, bench, images, s) if aligns else {}
-        records.append(_record(bench, s, baseline_ms, split))
+        records.append(_record(bench, s, baseline_ms, sections[bench.name], split))
     return records

@@ -59,7 +59,8 @@ def _compare_run_id(client: MlflowClient, experiment: str, uri: str) -> str:
     """The compare run of `experiment`, created on first use so that re-runs add no runs; a
     reused one gets this run's provenance (commit, diff, command) with its new artifacts."""
     from pipeline.runs import provenance, store
-    from pipeline.runs.tracking import DESCRIPTION_TAG, UNITS_NOTE, experiment_id
+    from pipeline.runs.store import experiment_id
+    from pipeline.runs.tracking import DESCRIPTION_TAG, UNITS_NOTE
     from pipeline.tools.runs_table import COMPARE_TAG, COMPARE_VALUE, is_compare_run
 
     exp_id = experiment_id(compare_experiment(experiment), uri)
@@ -106,7 +107,7 @@ def compare(
 ) -> dict[str, Path]:
     """Build the table and plots for `experiment`; returns the written files by kind."""
     from pipeline.runs import store
-    from pipeline.runs.tracking import resolve_tracking_uri
+    from pipeline.runs.store import resolve_tracking_uri
     from pipeline.tools import runs_table
 
     uri = resolve_tracking_uri(tracking_uri)
@@ -154,7 +155,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.runs:
         files = compare_folders(args.runs, args.output_dir)
     else:
-        from pipeline.runs.tracking import absolute_uri, resolve_tracking_uri
+        from pipeline.runs.store import absolute_uri, resolve_tracking_uri
 
         print(f"MLflow store: {absolute_uri(resolve_tracking_uri(args.tracking_uri))}", flush=True)
         files = compare(args.experiment, args.output_dir, args.tracking_uri, not args.no_mlflow)

@@ -14,10 +14,13 @@ frozen encoder's features of clean images, before the picture is drawn.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from pipeline.mixing import SinkhornOptions
 
 LAMBDAS = (1.0, 0.75, 0.5, 0.25, 0.0)  # left to right: from A towards A'
 ROWS = (
@@ -32,20 +35,20 @@ def decoded_interpolations(
     model: torch.nn.Module,
     image_a: Tensor,
     image_b: Tensor,
-    solver: dict[str, Any],
+    solver: SinkhornOptions,
     lambdas: tuple[float, ...] = LAMBDAS,
 ) -> Tensor:
     """(len(ROWS), len(lambdas), 3, H, W) decoded images, in the model's normalised pixel space.
 
     `image_a`, `image_b` are (3, H, W) normalised images; the model must be an AE model in eval
-    mode. `solver` holds the recipe's Sinkhorn mode, ε and iteration cap (`AlignSettings.solver()`).
+    mode. `solver` is the recipe's Sinkhorn options (`AlignSettings.solver()`).
     """
     from pipeline.mixing import align_features, mix
 
     feats = model.features(torch.stack([image_a, image_b]))
     a, a_partner = feats[:1], feats[1:]
-    a_partner_aligned = align_features(a, a_partner, direction=0, **solver)  # Ã = A'Rᵀ
-    a_aligned = align_features(a, a_partner, direction=1, **solver)  # Ã' = AR
+    a_partner_aligned = align_features(a, a_partner, 0, solver)  # Ã = A'Rᵀ
+    a_aligned = align_features(a, a_partner, 1, solver)  # Ã' = AR
     pairs = ((a, a_partner), (a, a_partner_aligned), (a_aligned, a_partner))
     mixed = torch.cat([mix(first, second, lam) for first, second in pairs for lam in lambdas])
     decoded = model.decode(model.embed(mixed))

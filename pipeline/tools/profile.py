@@ -1,9 +1,10 @@
 """`python -m pipeline profile`: msec per training step of every method (the paper's Table 2).
 
 Defaults fit the machine: on a GPU ResNet-50 at 224 px, batch 128, AMP bf16, channels-last; on a
-CPU ResNet-50 at 64 px, batch 8, float32, 20 steps (under a minute on 2 idle cores). The
-table is printed, optionally written as JSON (`--output`), and logged as an MLflow run in the
-experiment `profile` (metrics `<method>/msec_per_batch`, ... and the table as artifacts).
+CPU ResNet-50 at 64 px, batch 8, float32, 20 steps, then 20 more under torch's profiler for the
+methods' own sections (a minute or two on 2 idle cores). The table is printed, optionally
+written as JSON (`--output`), and logged as an MLflow run in the experiment `profile` (metrics
+`<method>/msec_per_batch`, ... and the table as artifacts).
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def settings_from_args(args: argparse.Namespace):
     from pipeline.errors import PipelineError
     from pipeline.methods import method_names
     from pipeline.tools.benchmark import Settings, check_settings
+    from pipeline.tools.method_order import ordered_methods
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -124,7 +126,7 @@ def settings_from_args(args: argparse.Namespace):
     methods = (
         [m.strip() for m in args.methods.split(",") if m.strip()]
         if args.methods
-        else method_names()
+        else ordered_methods(method_names())
     )
     settings = Settings(
         methods=methods,
@@ -240,10 +242,10 @@ def log_to_mlflow(records: list[dict], table: str, settings, experiment: str, ur
     from dataclasses import asdict
 
     from pipeline.runs.provenance import new_run
-    from pipeline.runs.store import open_client
-    from pipeline.runs.tracking import DESCRIPTION_TAG, UNITS_NOTE, experiment_id
+    from pipeline.runs.store import client_for, experiment_id
+    from pipeline.runs.tracking import DESCRIPTION_TAG, UNITS_NOTE
 
-    client = open_client(uri)
+    client = client_for(uri)
     exp_id = experiment_id(experiment, uri)
     name = f"profile-{settings.model}-{settings.device}-{settings.size}px"
     run_id = new_run(client, exp_id, name, {DESCRIPTION_TAG: UNITS_NOTE})
@@ -264,7 +266,7 @@ def log_to_mlflow(records: list[dict], table: str, settings, experiment: str, ur
 
 def run_command(args: argparse.Namespace) -> int:
     """CLI entry: measure, print the table, write JSON, log to MLflow."""
-    from pipeline.runs.tracking import resolve_tracking_uri
+    from pipeline.runs.store import resolve_tracking_uri
     from pipeline.tools.benchmark import run_profile
 
     settings = settings_from_args(args)

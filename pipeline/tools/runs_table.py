@@ -86,12 +86,11 @@ def run_row(run: Run) -> dict[str, Any]:
 
 
 def in_method_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows in the registry's method order (the paper's), keeping their order within a method;
-    runs of methods not registered here come last."""
-    from pipeline.methods import method_names
+    """Rows in table order of their methods (`method_order`: the paper's, other methods after
+    by name), keeping their order within a method."""
+    from pipeline.tools.method_order import method_rank
 
-    rank = {name: i for i, name in enumerate(method_names())}
-    return sorted(rows, key=lambda r: rank.get(r["method"], len(rank)))  # stable sort
+    return sorted(rows, key=lambda r: method_rank(r["method"]))  # stable sort
 
 
 def build_rows(runs: list[Run]) -> list[dict[str, Any]]:

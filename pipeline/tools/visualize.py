@@ -165,15 +165,14 @@ def render_grid(
 
 def log_to_run(path: Path, run_id: str | None, tracking_uri: str | None) -> str:
     """Attach the PNG to the checkpoint's MLflow run if it can be found; says what happened."""
-    from pipeline.runs.store import open_client, store_exists
-    from pipeline.runs.tracking import resolve_tracking_uri
+    from pipeline.runs.store import client_for, resolve_tracking_uri, store_exists
 
     uri = resolve_tracking_uri(tracking_uri)
     if not run_id or not store_exists(uri):
         return f"not logged to MLflow (no run id in the checkpoint or no store at {uri})"
     from mlflow.exceptions import MlflowException
 
-    client = open_client(uri)
+    client = client_for(uri)
     try:
         client.get_run(run_id)
     except MlflowException:

@@ -69,25 +69,9 @@ def build_schedule(
     for `timm`).
     """
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    total_steps = epochs * steps_per_epoch
-
     if cfg.schedule == "timm":
-        from timm.scheduler import create_scheduler_v2
-
-        sched, _ = create_scheduler_v2(
-            optimizer,
-            sched=cfg.timm_sched,
-            num_epochs=epochs,
-            warmup_epochs=warmup_steps / steps_per_epoch,  # timm: × updates_per_epoch
-            step_on_epochs=False,
-            updates_per_epoch=steps_per_epoch,
-        )
-
-        def timm_lr(step: int) -> float:
-            sched.step_update(step)
-            return optimizer.param_groups[0]["lr"]
-
-        return timm_lr
+        return _timm_schedule(cfg, optimizer, epochs, steps_per_epoch, warmup_steps)
+    total_steps = epochs * steps_per_epoch
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -105,3 +89,29 @@ def build_schedule(
         return lr
 
     return set_lr
+
+
+def _timm_schedule(
+    cfg: OptimConfig,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_steps: int,
+) -> Callable[[int], float]:
+    """timm's scheduler `optim.timm_sched`, stepped per update, as a function `step -> lr`."""
+    from timm.scheduler import create_scheduler_v2
+
+    sched, _ = create_scheduler_v2(
+        optimizer,
+        sched=cfg.timm_sched,
+        num_epochs=epochs,
+        warmup_epochs=warmup_steps / steps_per_epoch,  # timm: × updates_per_epoch
+        step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch,
+    )
+
+    def timm_lr(step: int) -> float:
+        sched.step_update(step)
+        return optimizer.param_groups[0]["lr"]
+
+    return timm_lr

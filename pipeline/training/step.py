@@ -13,7 +13,14 @@ from torch import nn
 from pipeline.methods import Method
 from pipeline.models import MixNet
 
-__all__ = ["MethodRunner", "StepOutput", "step_generator", "train_step"]
+__all__ = [
+    "MethodRunner",
+    "MicroBatch",
+    "StepOutput",
+    "StepSettings",
+    "step_generator",
+    "train_step",
+]
 
 
 class MethodRunner(nn.Module):
@@ -42,6 +49,22 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+@dataclass(frozen=True)
+class StepSettings:
+    """How every step of a run trains: gradient clipping, and the images' memory format."""
+
+    grad_clip: float | None = None
+    channels_last: bool = False
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Where a batch stands in its optimiser step: one of `count` micro-batches, `last` or not."""
+
+    count: int = 1
+    last: bool = True
+
+
 def train_step(
     accelerator,
     runner: nn.Module,
@@ -49,28 +72,26 @@ def train_step(
     images: torch.Tensor,
     labels: torch.Tensor,
     rng: torch.Generator,
-    grad_clip: float | None = None,
-    channels_last: bool = False,
-    micro_batches: int = 1,
-    step: bool = True,
+    settings: StepSettings = StepSettings(),
+    micro: MicroBatch = MicroBatch(),
 ) -> StepOutput:
     """Train `runner` (prepared by `accelerator`, with `optimizer`) on one batch; no host sync.
 
-    With gradient accumulation the batch is one of `micro_batches` in an optimiser step: its
-    loss is divided by that number, so the step follows the mean loss of its micro-batches, and
-    only the last one (`step=True`) all-reduces the gradients (DDP's no_sync before it), clips
-    and steps the optimiser.
+    With gradient accumulation the batch is one of `micro.count` in an optimiser step: its loss
+    is divided by that number, so the step follows the mean loss of its micro-batches, and only
+    the last one (`micro.last`) all-reduces the gradients (DDP's no_sync before it), clips and
+    steps the optimiser.
     """
     runner.train()
-    if channels_last:
+    if settings.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    with contextlib.nullcontext() if step else accelerator.no_sync(runner):
+    with contextlib.nullcontext() if micro.last else accelerator.no_sync(runner):
         with accelerator.autocast():
             loss, stats = runner(images, labels, rng)
-        accelerator.backward(loss / micro_batches if micro_batches > 1 else loss)
-    if step:
-        if grad_clip is not None:
-            accelerator.clip_grad_norm_(runner.parameters(), grad_clip)
+        accelerator.backward(loss / micro.count if micro.count > 1 else loss)
+    if micro.last:
+        if settings.grad_clip is not None:
+            accelerator.clip_grad_norm_(runner.parameters(), settings.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return StepOutput(loss.detach().float(), {k: v.detach() for k, v in stats.items()})
