@@ -107,6 +107,8 @@ def test_maxboxacc_v2_by_hand():
 class _FixedFeatures(nn.Module):
     """A 'model' whose feature tensor is given, with a linear classifier (for CAM by hand)."""
 
+    has_embedding = False  # MixNet's flag: it classifies the pooled features, not an f
+
     def __init__(self, features: torch.Tensor, weight: torch.Tensor) -> None:
         super().__init__()
         self.a = features

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from torch import nn
 
 from pipeline.errors import CheckpointError
 from pipeline.evaluation.boxes import box_iou, boxes_from_scoremap
+
+if TYPE_CHECKING:
+    from pipeline.models import MixNet
 
 __all__ = [
     "CAM_THRESHOLDS",
@@ -39,10 +43,10 @@ __all__ = [
 CAM_THRESHOLDS = np.arange(0.0, 1.0, 0.01)
 
 
-def _check_cam_model(model: nn.Module, features: torch.Tensor) -> nn.Linear:
+def _check_cam_model(model: MixNet, features: torch.Tensor) -> nn.Linear:
     """The linear classifier that reads the pooled features (CAM is undefined otherwise)."""
-    classifier = getattr(model, "classifier", None)
-    if hasattr(model, "embed") or not isinstance(classifier, nn.Linear):
+    classifier = model.classifier
+    if model.has_embedding or not isinstance(classifier, nn.Linear):
         raise CheckpointError(
             "WSOL needs a model whose classifier is a linear layer on the pooled feature tensor; "
             "models with the extra layer f (AlignMixup/AE, AlignMixup mixing at e or E) classify "
@@ -67,7 +71,7 @@ def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def class_activation_maps(
-    model: nn.Module, images: torch.Tensor, classes: torch.Tensor | None = None
+    model: MixNet, images: torch.Tensor, classes: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, CAMs) for normalised images (B, 3, H, W); CAMs (B, H, W) in [0, 1].
 

@@ -157,9 +157,9 @@ class Aligner:
         a = model.features(images)
         if level == "A":
             a = self.mix_tensor(a, s, choices, self.settings.align_pool)
-        if not hasattr(model, "embed"):
+        if not model.has_embedding:
             return model.head(a)
-        if getattr(model, "variational", False):
+        if model.variational:
             mu, log_var = model.moments(a)
             sigma = torch.exp(0.5 * log_var)
             if level in ("e", "E"):
@@ -176,7 +176,7 @@ class Aligner:
 
 def check_embedding_levels(levels: list[str], model: MixNet) -> None:
     """Raise RecipeError where a level does not fit the model's f (`model.ae`)."""
-    if "E" in levels and getattr(model, "embedding_kind", None) == "vector":
+    if "E" in levels and model.embedding_kind == "vector":
         raise RecipeError(
             "method.mix_levels: E mixes f's output as a tensor, but model.ae.embedding is "
             "'vector' (the paper's e, mixed plainly: level e); use embedding 'tensor' or 'grid'"
@@ -195,7 +195,7 @@ class AlignMixup(Aligner, Method):
         return bool({"e", "E"} & set(self.settings.mix_levels))
 
     def check_model(self, model: MixNet) -> None:
-        if getattr(model, "variational", False):
+        if model.variational:
             raise RecipeError(
                 "model.ae.variational: the VAE trains its decoder on clean batches, which is "
                 "AlignMixup/AE's schedule (method.name: alignmixup_ae)"

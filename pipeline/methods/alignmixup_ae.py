@@ -76,7 +76,7 @@ class AlignMixupAE(Aligner, Method):
         """CE on the clean batch, plus w·L_r of its reconstruction (and the VAE's KL term)."""
         a = model.features(images)
         stats = {"clean": torch.tensor(1.0)}
-        if getattr(model, "variational", False):
+        if model.variational:
             mu, log_var = model.moments(a)
             e = self.reparameterise(mu, torch.exp(0.5 * log_var), choices)
             kl = gaussian_kl(mu.float(), log_var.float())

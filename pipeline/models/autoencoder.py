@@ -161,6 +161,7 @@ class AutoEncoderMixNet(MixNet):
         timm_kwargs)."""
         self._embed_channels = cfg.embed_channels
         super().__init__(name, num_classes, output_stride, **backbone)
+        self.has_embedding = True
         self.embedding_kind = cfg.embedding
         self.variational = cfg.variational
         self.embedding = embedding_layer(cfg, self.feature_channels)

@@ -163,9 +163,15 @@ def create_backbone(
 
 
 class MixNet(nn.Module):
-    """Encoder `F` as levels plus the classifier `g` (pool + linear); see docs/architecture.md."""
+    """Encoder `F` as levels plus the classifier `g` (pool + linear); see docs/architecture.md.
 
-    has_decoder = False
+    Its capabilities are declared, not guessed: methods, the model file and the tools read these
+    flags (AutoEncoderMixNet sets them), never `hasattr` on the model."""
+
+    has_embedding: bool = False  # an extra layer f: `embed`, `classify` (AutoEncoderMixNet)
+    embedding_kind: str | None = None  # f's output: "vector", "tensor" or "grid" (model.ae)
+    variational: bool = False  # f gives μ and log σ² (`moments`): AlignMixup/VAE
+    has_decoder: bool = False  # `decode`: AlignMixup/AE
 
     def __init__(
         self,

@@ -13,7 +13,7 @@ import json
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,6 +34,9 @@ from pipeline.runs.checkpoints import (
 )
 from pipeline.runs.tracking import recorded_run_id
 
+if TYPE_CHECKING:
+    from pipeline.models import MixNet
+
 FINAL_MODEL = "model_final.safetensors"
 EMA_PREFIX = "ema/"  # the EMA of the weights, in the same file (train.ema_decay)
 # where Accelerate keeps the EMA in a checkpoint folder: the trainer's only custom object
@@ -41,14 +44,14 @@ _EMA_IN_CHECKPOINT = "custom_checkpoint_0.pkl"
 _HEADER_KEY = "alignmixup_pipeline"  # the safetensors metadata entry holding the JSON facts
 
 
-def model_facts(model: torch.nn.Module, num_classes: int, class_names: list[str]) -> dict:
+def model_facts(model: MixNet, num_classes: int, class_names: list[str]) -> dict:
     """What a checkpoint or model file records about the model beside its weights."""
     return {
         "architecture_version": architecture_version(model.timm_name),
         "num_classes": num_classes,
         "class_names": list(class_names),
-        "has_decoder": bool(getattr(model, "has_decoder", False)),
-        "has_embedding": hasattr(model, "embed"),  # f: AlignMixup/AE, or AlignMixup at e/E
+        "has_decoder": model.has_decoder,
+        "has_embedding": model.has_embedding,  # f: AlignMixup/AE, or AlignMixup at e/E
     }
 
 

@@ -21,6 +21,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from pipeline.mixing import SinkhornOptions
+    from pipeline.models import MixNet
 
 LAMBDAS = (1.0, 0.75, 0.5, 0.25, 0.0)  # left to right: from A towards A'
 ROWS = (
@@ -76,7 +77,7 @@ def effect_table(effect: Tensor, lambdas: tuple[float, ...] = LAMBDAS) -> str:
 
 
 def fit_decoder(
-    model: torch.nn.Module,
+    model: MixNet,
     images: Tensor,
     steps: int,
     batch_size: int = 32,
@@ -95,9 +96,9 @@ def fit_decoder(
     """
     from tqdm.auto import tqdm
 
-    decoder = getattr(model, "decoder", None)
-    if decoder is None:
+    if not model.has_decoder:
         raise ValueError("fit_decoder needs an AlignMixup/AE model (one with a decoder)")
+    decoder = model.decoder
     if steps < 1:
         return math.nan, math.nan
     model.eval()
