@@ -1,4 +1,6 @@
-"""Training: the loop (trainer), the one training step, optimisers and schedules, preemption.
+"""Training: the loop (trainer) over the run's clock and its components (metric window,
+checkpointer, validator, preemption, progress), what it trains (build), the one training step,
+optimisers and schedules.
 
 What every command shares about a run (checkpoints, the model file, MLflow) is in
 `pipeline.runs`. The trainer is imported on first use, so `python -m pipeline --help` stays
