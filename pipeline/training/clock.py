@@ -29,10 +29,6 @@ class Clock:
         return math.ceil(self.steps_per_epoch / self.accum)
 
     @property
-    def epochs(self) -> int:
-        return math.ceil(self.total_steps / self.steps_per_epoch)
-
-    @property
     def done(self) -> bool:
         return self.state.step >= self.total_steps
 
