@@ -7,7 +7,7 @@ ARGS   ?=
 # pytest-xdist workers for `make test`; each test file stays in one (its fixtures are per file).
 TEST_WORKERS ?= 2
 
-.PHONY: help setup test lint demo profile compare mlflow-ui mlflow-server docker clean wheelhouse \
+.PHONY: help setup test test-unit lint demo profile compare mlflow-ui mlflow-server docker clean wheelhouse \
 	gpu-check
 .DEFAULT_GOAL := help
 
@@ -35,6 +35,9 @@ lint: setup ## ruff over the repository, and hadolint over docker/Dockerfile
 
 test: setup lint ## the test suite, no GPU needed, in TEST_WORKERS processes (ARGS= passes pytest options)
 	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+
+test-unit: setup ## the in-process tests alone (tests/unit: operators, methods, models, recipes; ~3 min)
+	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests/unit $(ARGS)
 
 demo: setup ## train baseline, AlignMixup and AlignMixup/AE on the digits (CPU, under 2 minutes)
 	$(VPY) -m pipeline demo $(ARGS)

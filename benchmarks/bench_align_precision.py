@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.mixing import SinkhornOptions, align  # noqa: E402
 from pipeline.models.backbone import MixNet  # noqa: E402
-from pipeline.runs.table import format_table  # noqa: E402
+from pipeline.tables import format_table  # noqa: E402
 from tests.photos import photo_batch  # noqa: E402
 
 

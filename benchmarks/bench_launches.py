@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.runs.table import format_table  # noqa: E402
+from pipeline.tables import format_table  # noqa: E402
 
 # Ops that allocate or re-describe memory without a kernel.
 _NO_KERNEL = {"empty.memory_format", "empty_strided.default", "detach.default", "alias.default"}

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.methods import method_names  # noqa: E402
-from pipeline.runs.table import format_table  # noqa: E402
+from pipeline.tables import format_table  # noqa: E402
 from pipeline.tools.method_order import ordered_methods  # noqa: E402
 
 

@@ -5,7 +5,7 @@ packages it lacks from requirements-gpu.txt are installed from a wheel folder (`
 elsewhere) into .gpu-site/ with pip --no-index --no-deps. Then, one part at a time, each in a
 subprocess with its own time limit, and tracking off:
 
-    tests    pytest -m gpu (tests/test_gpu.py)
+    tests    pytest -m gpu (tests/integration/test_gpu.py)
     syncs    host syncs per train step of every method; Sinkhorn eager / device-exit / CUDA graph
     align    benchmarks/bench_align.py --device cuda (pipeline vs the authors' approach)
     profile  python -m pipeline profile at its GPU defaults (ResNet-50, 224 px, batch 128, bf16)
@@ -76,7 +76,7 @@ def part_command(part: str, out: Path) -> list[str]:
     """The command line of one part; its JSON records go under `out`."""
     py = sys.executable
     return {
-        "tests": [py, "-m", "pytest", "-m", "gpu", "-q", "-rs", "tests/test_gpu.py"],
+        "tests": [py, "-m", "pytest", "-m", "gpu", "-q", "-rs", "tests/integration/test_gpu.py"],
         "syncs": [py, "benchmarks/bench_syncs.py", "--output", str(out / "syncs.json")],
         "align": [py, "benchmarks/bench_align.py", "--device", "cuda", "--output",
                   str(out / "align.json")],

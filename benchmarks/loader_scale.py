@@ -181,7 +181,7 @@ def index_load(entries: int) -> dict:
     import numpy as np
     import torch.distributed  # noqa: F401  (imported by any trainer before its loaders)
 
-    from pipeline.data.check import CheckedSplit
+    from pipeline.data.image_checks import CheckedSplit
     from pipeline.data.index import indexed_split, save_index
     from pipeline.data.layouts import SplitIndex
 

@@ -10,6 +10,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "AEConfig",
     "DataConfig",
     "MethodSettings",
@@ -19,6 +21,10 @@ __all__ = [
     "TrackingConfig",
     "TrainConfig",
 ]
+
+# ImageNet's channel statistics: the normalisation of every recipe that does not set its own.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Section(BaseModel):
@@ -126,8 +132,8 @@ class DataConfig(Section):
     )
     color_jitter: float = Field(0.4, ge=0, description="brightness/contrast/saturation")
     lighting: float = Field(0.1, ge=0, description="PCA lighting alphastd")
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     skip_corrupt: bool = False
     index_dir: str | None = Field(
         None,

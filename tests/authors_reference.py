@@ -1,6 +1,6 @@
 """Independent references for the AlignMixup operator, written out plainly from the authors'
 code and the paper's equations, never from pipeline.mixing: the authors' Sinkhorn loop as
-published (tests/test_sinkhorn.py checks the solver against it, benchmarks/bench_align.py times
+published (tests/unit/test_sinkhorn.py checks the solver against it, benchmarks/bench_align.py times
 it), their broadcast cost, POT's solver for the converged plan, and eqs. 11-12.
 
 The authors' loop reads the stopping error on the host (`.item()`) every iteration, as their

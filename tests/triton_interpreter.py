@@ -1,7 +1,7 @@
 """Fused-Sinkhorn cases run under Triton's interpreter, in a process of their own.
 
 `TRITON_INTERPRET=1` must be set before Triton is first imported (its own library helpers are
-made then), so `tests/test_sinkhorn_triton.py` runs this module as
+made then), so `tests/unit/test_sinkhorn_triton.py` runs this module as
 `TRITON_INTERPRET=1 python -m tests.triton_interpreter OUT` and compares what it saves (each
 case's cost, options and fused result) with the eager solver in its own process.
 """
@@ -30,7 +30,7 @@ def random_cost(batch: int, r: int, s: int, scale: float, seed: int = 0) -> torc
 
 
 def authors_23_cost() -> torch.Tensor:
-    """The cost on which the authors' loop stops at iteration 23 (tests/test_sinkhorn.py)."""
+    """The cost on which the authors' loop stops at iteration 23 (tests/unit/test_sinkhorn.py)."""
     gen = torch.Generator().manual_seed(0)
     a, b = torch.rand(4, 9, 5, generator=gen), torch.rand(4, 9, 5, generator=gen)
     return ((a[:, :, None] - b[:, None]) ** 2).sum(-1) * 10.6

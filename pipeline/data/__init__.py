@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.data.check import CheckedSplit
+from pipeline.data.image_checks import CheckedSplit
 from pipeline.data.index import IndexedSplit
 from pipeline.data.layouts import CubRecord, SplitIndex, load_cub_metadata
 
@@ -74,7 +74,7 @@ def build_loaders(
     """
     import torch
 
-    from pipeline.data.check import require_usable
+    from pipeline.data.image_checks import require_usable
     from pipeline.data.index import indexed_split
 
     if not 0 <= rank < world_size:

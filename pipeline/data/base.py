@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     import torch
 
     from pipeline.config import DataConfig
-    from pipeline.data.check import CheckedSplit
+    from pipeline.data.image_checks import CheckedSplit
 
 
 class PlannedLoader:

@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_check(args: argparse.Namespace) -> int:
     """Print the dataset summary; exit status 2 when any file or folder is bad."""
     from pipeline.config import DataConfig
-    from pipeline.data.check_data import check_dataset, format_report
+    from pipeline.data.dataset_report import check_dataset, format_report
 
     cfg = DataConfig(
         root=args.path,

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.data.check import CheckedSplit, ImageInfo, checked_split, inspect_files
+from pipeline.data.image_checks import CheckedSplit, ImageInfo, checked_split, inspect_files
 from pipeline.data.layouts import SplitIndex, scan_split
 from pipeline.errors import DataError
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from pipeline.data.base import PlannedLoader
-from pipeline.data.check import CheckedSplit
+from pipeline.data.image_checks import CheckedSplit
 from pipeline.data.layouts import SplitIndex
 from pipeline.errors import DataError
 

@@ -18,7 +18,7 @@ from pipeline.data.workers import detach_worker, kill_daemonic_workers_at_exit, 
 
 if TYPE_CHECKING:
     from pipeline.config import DataConfig
-    from pipeline.data.check import CheckedSplit
+    from pipeline.data.image_checks import CheckedSplit
     from pipeline.data.sharding import RankPlan
 
 

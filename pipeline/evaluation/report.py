@@ -14,7 +14,7 @@ __all__ = ["log_results", "results_table"]
 
 def results_table(results: dict[str, float], title: str) -> str:
     """The title, then a table of metric names and values (percent, two decimals)."""
-    from pipeline.runs.table import cell, format_table
+    from pipeline.tables import cell, format_table
 
     rows = [[key, cell(value, ".2f")] for key, value in results.items()]
     return title + "\n" + format_table(["metric", "value (%)"], rows)

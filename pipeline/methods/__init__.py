@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from pipeline.methods.base import Method, MethodOutput, MixSettings
+from pipeline.methods.base import Method, MethodContext, MethodOutput, MixSettings, ModelNeeds
+from pipeline.methods.pair_mix import Mixed, PairMix
 from pipeline.methods.registry import (
     build_method,
     method_class,
@@ -21,8 +22,12 @@ from pipeline.methods.registry import (
 
 __all__ = [
     "Method",
+    "MethodContext",
     "MethodOutput",
     "MixSettings",
+    "Mixed",
+    "ModelNeeds",
+    "PairMix",
     "build_method",
     "method_class",
     "method_names",

@@ -5,17 +5,21 @@ ablation switches are the paper's Table 6)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
 from pipeline.errors import RecipeError
-from pipeline.methods.base import Method, MethodOutput, MixSettings, uniform_choice
+from pipeline.methods.base import (
+    Method,
+    MethodOutput,
+    MixSettings,
+    ModelNeeds,
+    rank_seed,
+    uniform_choice,
+)
 from pipeline.methods.registry import register_method
 from pipeline.mixing import (
     MixSample,
@@ -101,12 +105,10 @@ class AlignMixupSettings(AlignSettings):
     _levels = field_validator("mix_levels")(check_levels)
 
 
-class Aligner:
+class Aligner(Method):
     """Mixing at a level of the network, shared by AlignMixup and AlignMixup/AE (and /VAE)."""
 
     settings: AlignSettings
-    section: Callable[[str], AbstractContextManager[object]]  # Method.section
-    rank: int
 
     def mix_tensor(
         self, t: Tensor, s: MixSample, choices: torch.Generator, pool: int | None = None
@@ -138,8 +140,7 @@ class Aligner:
         """ε ~ N(0, 1) of `like`'s shape, on its device, from a generator seeded by one draw
         of `choices` and this rank (ranks differ; a resumed step draws the same again)."""
         step_seed = int(torch.randint(2**62, (1,), generator=choices))
-        seed = np.random.SeedSequence([step_seed, self.rank]).generate_state(1, np.uint64)[0]
-        gen = torch.Generator(like.device).manual_seed(int(seed))
+        gen = torch.Generator(like.device).manual_seed(rank_seed(step_seed, self.context.rank))
         return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype)
 
     def reparameterise(self, mu: Tensor, sigma: Tensor, choices: torch.Generator) -> Tensor:
@@ -184,15 +185,16 @@ def check_embedding_levels(levels: list[str], model: MixNet) -> None:
 
 
 @register_method("alignmixup")
-class AlignMixup(Aligner, Method):
+class AlignMixup(Aligner):
     """The authors' schedule by default: each batch is input mixup or aligned mixing of `A`, ½
     each; `mix_levels`, `align` and `align_pool` give the rows of the paper's Table 6."""
 
     Settings = AlignMixupSettings
 
-    @property
-    def needs_embedding(self) -> bool:
-        return bool({"e", "E"} & set(self.settings.mix_levels))
+    @classmethod
+    def needs(cls, settings: AlignMixupSettings) -> ModelNeeds:
+        """f when a level mixes its output (e or E)."""
+        return ModelNeeds(embedding=bool({"e", "E"} & set(settings.mix_levels)))
 
     def check_model(self, model: MixNet) -> None:
         if model.variational:
@@ -207,7 +209,7 @@ class AlignMixup(Aligner, Method):
         s = sample_mix(images.shape[0], self.settings.alpha, images.device, rng, choices)
         level = uniform_choice(self.settings.mix_levels, choices)
         logits = self.mixed_logits(model, images, s, level, choices)
-        loss = mixed_cross_entropy(logits, labels, s.perm, s.lam, self.label_smoothing)
+        loss = mixed_cross_entropy(logits, labels, s.perm, s.lam, self.context.label_smoothing)
         aligned = self.settings.align and level in ("A", "E")
         stats = {"lam": torch.tensor(s.lam), "aligned": torch.tensor(float(aligned))}
         return MethodOutput(loss, logits, stats)

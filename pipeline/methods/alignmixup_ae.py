@@ -16,7 +16,7 @@ from pipeline.methods.alignmixup import (
     check_embedding_levels,
     check_levels,
 )
-from pipeline.methods.base import Method, MethodOutput, coin, uniform_choice
+from pipeline.methods.base import MethodOutput, ModelNeeds, coin, uniform_choice
 from pipeline.methods.registry import register_method
 from pipeline.mixing import mixed_cross_entropy, sample_mix
 from pipeline.models import MixNet
@@ -45,16 +45,18 @@ def gaussian_kl(mu: Tensor, log_var: Tensor) -> Tensor:
 
 
 @register_method("alignmixup_ae")
-class AlignMixupAE(Aligner, Method):
+class AlignMixupAE(Aligner):
     """Clean batches (share `clean_prob`) train classifier and decoder with CE + w·L_r (+ the
     VAE's KL); the others mix at a level drawn from `mix_levels` and train the classifier
     only. The decoder never sees a mixed batch; the classifier never sees a decoded image.
     """
 
     Settings = AlignMixupAESettings
-    needs_decoder = True
-    needs_embedding = True
-    unused_parameters = ("decoder.",)  # no decoder on mixed batches
+
+    @classmethod
+    def needs(cls, settings: AlignMixupAESettings) -> ModelNeeds:
+        """f and the decoder; the decoder gets no gradient on mixed batches."""
+        return ModelNeeds(embedding=True, decoder=True, unused_parameters=("decoder.",))
 
     def check_model(self, model: MixNet) -> None:
         check_embedding_levels(self.settings.mix_levels, model)
@@ -67,7 +69,7 @@ class AlignMixupAE(Aligner, Method):
         level = uniform_choice(cfg.mix_levels, choices)
         s = sample_mix(images.shape[0], cfg.alpha, images.device, rng, choices)
         logits = self.mixed_logits(model, images, s, level, choices)
-        loss = mixed_cross_entropy(logits, labels, s.perm, s.lam, self.label_smoothing)
+        loss = mixed_cross_entropy(logits, labels, s.perm, s.lam, self.context.label_smoothing)
         return MethodOutput(loss, logits, {"lam": torch.tensor(s.lam), "clean": torch.tensor(0.0)})
 
     def clean_step(

@@ -7,7 +7,7 @@ from pydantic import Field
 from torch import Tensor
 
 from pipeline.methods.alignmixup import AlignMixup, AlignSettings
-from pipeline.methods.base import Method, coin
+from pipeline.methods.base import Method, MethodContext, coin
 from pipeline.methods.cutmix import CutMix, CutMixSettings
 from pipeline.methods.registry import register_method
 from pipeline.models import MixNet
@@ -25,14 +25,15 @@ class AlignMixupOrCutMix(Method):
     Settings = AlignMixupOrCutMixSettings
 
     def __init__(
-        self, settings: AlignMixupOrCutMixSettings, label_smoothing: float = 0.0, rank: int = 0
-    ):
-        super().__init__(settings, label_smoothing, rank)
-        shared = settings.model_dump(exclude={"name", "cutmix_alpha", "cutmix_prob"})
+        self, settings: AlignMixupOrCutMixSettings, context: MethodContext | None = None
+    ) -> None:
+        """Its two methods, built from these settings: CutMix's α, and all the aligning ones."""
+        super().__init__(settings, context)
         cutmix = CutMixSettings(name=CutMix.name, alpha=settings.cutmix_alpha, draws=settings.draws)
-        self.cutmix = CutMix(cutmix, label_smoothing, rank)
-        aligned = AlignMixup.Settings(name=AlignMixup.name, **shared)
-        self.alignmixup = AlignMixup(aligned, label_smoothing, rank)
+        self.cutmix = CutMix(cutmix, self.context)
+        aligning = {key: getattr(settings, key) for key in AlignSettings.model_fields}
+        aligned = AlignMixup.Settings(**{**aligning, "name": AlignMixup.name})
+        self.alignmixup = AlignMixup(aligned, self.context)
         self.cutmix.range_prefix = self.alignmixup.range_prefix = self.name  # sections: ours
 
     def __call__(self, model: MixNet, images: Tensor, labels: Tensor, rng: torch.Generator):

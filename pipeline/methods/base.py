@@ -21,10 +21,18 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from pipeline.config import MethodSettings, ModelConfig
+from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, MethodSettings, ModelConfig
 from pipeline.models import MixNet, build_model
 
-__all__ = ["Method", "MethodOutput", "MixSettings", "coin", "uniform_choice"]
+__all__ = [
+    "Method",
+    "MethodContext",
+    "MethodOutput",
+    "MixSettings",
+    "ModelNeeds",
+    "coin",
+    "uniform_choice",
+]
 
 
 class MixSettings(MethodSettings):
@@ -36,6 +44,30 @@ class MixSettings(MethodSettings):
         description="partner, layer, direction, box: one draw per step for the global batch, "
         "or one per rank (λ is always shared); docs/mixing.md",
     )
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method knows of its run besides its own settings, the same for every method."""
+
+    rank: int = 0  # the process's global rank: what `draws: per_rank` draws apart
+    label_smoothing: float = 0.0  # optim.label_smoothing, for every cross-entropy
+    num_classes: int | None = None  # the classifier's classes (None: not known, as in tests)
+    mean: tuple[float, ...] = IMAGENET_MEAN  # data.mean: the images come normalised by these
+    std: tuple[float, ...] = IMAGENET_STD  # data.std
+
+
+@dataclass(frozen=True)
+class ModelNeeds:
+    """What a method needs of its model, decided by its settings alone, so that the run can
+    read it before the method exists (DDP's unused-parameter search) and the model is built
+    with it."""
+
+    embedding: bool = False  # f after the features (the model's `embed`/`moments`)
+    decoder: bool = False  # f and the decoder (AlignMixup/AE)
+    # Parameter-name prefixes that may get no gradient in a step; non-empty switches DDP's
+    # find_unused_parameters on (which costs a graph traversal per step).
+    unused_parameters: tuple[str, ...] = ()
 
 
 @dataclass
@@ -52,6 +84,11 @@ def uniform_choice(options: list | tuple, rng: torch.Generator):
     return options[int(torch.randint(len(options), (1,), generator=rng))]
 
 
+def rank_seed(step_seed: int, rank: int) -> int:
+    """A seed for one rank's draws of one step: the ranks differ, a resumed step repeats."""
+    return int(np.random.SeedSequence([step_seed, rank]).generate_state(1, np.uint64)[0])
+
+
 def coin(p: float, rng: torch.Generator) -> bool:
     """True with probability `p`, drawn from `rng`."""
     return bool(torch.rand((), generator=rng) < p)
@@ -60,29 +97,27 @@ def coin(p: float, rng: torch.Generator) -> bool:
 class Method:
     """Base class of a registered method (see pipeline/methods/registry.py).
 
-    A subclass sets `Settings` (its pydantic settings, a `MethodSettings` subclass) and what it
-    needs from the model, and implements `__call__`. The trainer reads only these attributes.
+    A subclass sets `Settings` (its pydantic settings, a `MethodSettings` subclass), says what
+    it needs of the model in `needs` (nothing, by default), may check the built model in
+    `check_model`, and implements `__call__`. The trainer reads nothing else.
     """
 
     name: ClassVar[str] = ""  # set by @register_method
     Settings: ClassVar[type[MethodSettings]] = MethodSettings
-    needs_decoder: ClassVar[bool] = False  # the model gets `f` and the decoder (AlignMixup/AE)
-    needs_embedding: ClassVar[bool] = False  # the model gets `f` alone (may depend on settings)
-    # Parameter-name prefixes that may get no gradient in a step; non-empty switches DDP's
-    # find_unused_parameters on (which costs a graph traversal per step).
-    unused_parameters: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(
-        self, settings: MethodSettings, label_smoothing: float = 0.0, rank: int = 0
-    ) -> None:
+    def __init__(self, settings: MethodSettings, context: MethodContext | None = None) -> None:
         if not isinstance(settings, self.Settings):
             raise TypeError(
                 f"{type(self).__name__} takes {self.Settings.__name__}, got {type(settings)}"
             )
         self.settings = settings
-        self.label_smoothing = label_smoothing
-        self.rank = rank  # the process's global rank: what `draws: per_rank` draws apart
+        self.context = context or MethodContext()
         self.range_prefix = self.name  # profiler ranges are `<range_prefix>/<section>`
+
+    @classmethod
+    def needs(cls, settings: MethodSettings) -> ModelNeeds:
+        """What the model must have for a method with `settings` (no instance needed)."""
+        return ModelNeeds()
 
     def section(self, name: str) -> AbstractContextManager[object]:
         """A profiler range `<method>/<name>` for `profile`; no op at all when none runs."""
@@ -99,14 +134,12 @@ class Method:
         if getattr(self.settings, "draws", "global") == "global":
             return rng
         step_seed = int(torch.randint(2**62, (1,), generator=rng))
-        seed = np.random.SeedSequence([step_seed, self.rank]).generate_state(1, np.uint64)[0]
-        return torch.Generator().manual_seed(int(seed))
+        return torch.Generator().manual_seed(rank_seed(step_seed, self.context.rank))
 
     def build_model(self, cfg: ModelConfig, num_classes: int) -> MixNet:
         """The model this method trains: `cfg`'s backbone, with what the method needs."""
-        model = build_model(
-            cfg, num_classes, autoencoder=self.needs_decoder, embedding=self.needs_embedding
-        )
+        needs = self.needs(self.settings)
+        model = build_model(cfg, num_classes, autoencoder=needs.decoder, embedding=needs.embedding)
         self.check_model(model)
         return model
 
@@ -115,7 +148,8 @@ class Method:
 
     def clean_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Cross-entropy on unmixed labels."""
-        return nn.functional.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        smoothing = self.context.label_smoothing
+        return nn.functional.cross_entropy(logits, labels, label_smoothing=smoothing)
 
     def __call__(
         self, model: MixNet, images: Tensor, labels: Tensor, rng: torch.Generator

@@ -6,10 +6,10 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from pipeline.methods.base import Method, MethodOutput, MixSettings
+from pipeline.methods.base import MixSettings
+from pipeline.methods.pair_mix import Mixed, PairMix
 from pipeline.methods.registry import register_method
-from pipeline.mixing import cutmix, mixed_cross_entropy, sample_mix
-from pipeline.models import MixNet
+from pipeline.mixing import MixSample, cutmix
 
 
 class CutMixSettings(MixSettings):
@@ -17,17 +17,12 @@ class CutMixSettings(MixSettings):
 
 
 @register_method("cutmix")
-class CutMix(Method):
+class CutMix(PairMix):
     """The CutMix authors' box, its centre drawn from the step's generator; λ is corrected to
     the share of each image left unpasted (the box is clipped at the border)."""
 
     Settings = CutMixSettings
 
-    def __call__(self, model: MixNet, images: Tensor, labels: Tensor, rng: torch.Generator):
-        choices = self.choice_generator(rng)
-        s = sample_mix(images.shape[0], self.settings.alpha, images.device, rng, choices)
+    def mix_images(self, images: Tensor, s: MixSample, choices: torch.Generator) -> Mixed:
         with self.section("mix"):
-            mixed, lam = cutmix(images, s.perm, s.lam, generator=choices)
-        logits = model(mixed)
-        loss = mixed_cross_entropy(logits, labels, s.perm, lam, self.label_smoothing)
-        return MethodOutput(loss, logits, {"lam": torch.tensor(lam)})
+            return Mixed(*cutmix(images, s.perm, s.lam, generator=choices))

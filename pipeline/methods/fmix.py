@@ -11,11 +11,11 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from pipeline.methods.base import Method, MethodOutput, MixSettings
+from pipeline.methods.base import MixSettings
+from pipeline.methods.pair_mix import Mixed, PairMix
 from pipeline.methods.registry import register_method
-from pipeline.mixing import mixed_cross_entropy, sample_mix
+from pipeline.mixing import MixSample
 from pipeline.mixing.fmix import fmix
-from pipeline.models import MixNet
 
 
 class FMixSettings(MixSettings):
@@ -31,16 +31,11 @@ class FMixSettings(MixSettings):
 
 
 @register_method("fmix")
-class FMix(Method):
+class FMix(PairMix):
     """One mask per batch, the same for every sample, as the authors' code."""
 
     Settings = FMixSettings
 
-    def __call__(self, model: MixNet, images: Tensor, labels: Tensor, rng: torch.Generator):
-        choices = self.choice_generator(rng)
-        s = sample_mix(images.shape[0], self.settings.alpha, images.device, rng, choices)
+    def mix_images(self, images: Tensor, s: MixSample, choices: torch.Generator) -> Mixed:
         with self.section("mix"):
-            mixed, lam = fmix(images, s.perm, s.lam, self.settings.decay_power, choices)
-        logits = model(mixed)
-        loss = mixed_cross_entropy(logits, labels, s.perm, lam, self.label_smoothing)
-        return MethodOutput(loss, logits, {"lam": torch.tensor(lam)})
+            return Mixed(*fmix(images, s.perm, s.lam, self.settings.decay_power, choices))

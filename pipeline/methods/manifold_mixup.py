@@ -56,6 +56,6 @@ class ManifoldMixup(Method):
         with self.section("mix"):
             hidden = mix(hidden, hidden[s.perm], s.lam)
         logits = model.head(model.forward_levels(hidden, level, model.num_levels))
-        loss = mixed_cross_entropy(logits, labels, s.perm, s.lam, self.label_smoothing)
+        loss = mixed_cross_entropy(logits, labels, s.perm, s.lam, self.context.label_smoothing)
         stats = {"lam": torch.tensor(s.lam), "level": torch.tensor(float(level))}
         return MethodOutput(loss, logits, stats)

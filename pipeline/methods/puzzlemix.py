@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from pipeline.methods.base import Method, MethodOutput, MixSettings, uniform_choice
+from pipeline.methods.base import Method, MethodContext, MethodOutput, MixSettings, uniform_choice
 from pipeline.methods.registry import register_method
 from pipeline.mixing import per_sample_mixed_cross_entropy, sample_mix
 from pipeline.mixing.puzzlemix import (
@@ -48,11 +48,6 @@ class PuzzleMixSettings(MixSettings):
     neigh_size: int = Field(
         2, ge=1, description="pixels per cell the seams are compared on (ImageNet: 2, CIFAR: 4)"
     )
-    pixel_std: list[Annotated[float, Field(gt=0)]] = Field(
-        default_factory=lambda: [0.229, 0.224, 0.225],
-        min_length=1,
-        description="the data std (data.std): seams are measured in pixel units, as the authors'",
-    )
     transport: bool = Field(True, description="move salient blocks to where the mask keeps them")
     t_eps: float = Field(0.8, ge=0, description="transport: weight of the distance moved")
     t_size: int | None = Field(
@@ -79,11 +74,10 @@ class PuzzleMix(Method):
 
     Settings = PuzzleMixSettings
 
-    def __init__(
-        self, settings: PuzzleMixSettings, label_smoothing: float = 0.0, rank: int = 0
-    ) -> None:
-        """As every method, with the mixing functions' options built once from `settings`."""
-        super().__init__(settings, label_smoothing, rank)
+    def __init__(self, settings: PuzzleMixSettings, context: MethodContext | None = None) -> None:
+        """As every method, with the mixing functions' options built once from `settings` and
+        the data's std (seams are measured in pixel units, as the authors')."""
+        super().__init__(settings, context)
         st = settings
         self.options = PuzzleOptions(
             n_labels=st.n_labels,
@@ -91,7 +85,7 @@ class PuzzleMix(Method):
             gamma=st.gamma,
             eta=st.eta,
             neigh_size=st.neigh_size,
-            pixel_std=tuple(st.pixel_std),
+            pixel_std=self.context.std,
             t_eps=st.t_eps,
             t_size=st.t_size,
             solver=st.transport_solver,
@@ -117,7 +111,7 @@ class PuzzleMix(Method):
                 model.eval()
             try:
                 total = F.cross_entropy(
-                    model(x), labels, reduction="sum", label_smoothing=self.label_smoothing
+                    model(x), labels, reduction="sum", label_smoothing=self.context.label_smoothing
                 )
                 (grad,) = torch.autograd.grad(total, x, retain_graph=keep_graph)
             finally:
@@ -148,7 +142,8 @@ class PuzzleMix(Method):
             mixed = mixed.contiguous(memory_format=torch.channels_last)
         mixed = mixed.to(images.dtype)
         logits = model(mixed)
-        loss = per_sample_mixed_cross_entropy(logits, labels, s.perm, lam, self.label_smoothing)
+        smoothing = self.context.label_smoothing
+        loss = per_sample_mixed_cross_entropy(logits, labels, s.perm, lam, smoothing)
         if st.clean_lam > 0:
             loss = loss + st.clean_lam * clean
         stats = {

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, TypeVar
 from pipeline.config import MethodSettings
 
 if TYPE_CHECKING:
-    from pipeline.methods.base import Method
+    from pipeline.methods.base import Method, MethodContext
 
 __all__ = ["build_method", "method_class", "method_names", "register_method", "settings_class"]
 
@@ -62,7 +62,7 @@ def settings_class(name: str) -> type[MethodSettings]:
     return method_class(name).Settings
 
 
-def build_method(settings: MethodSettings, label_smoothing: float = 0.0, rank: int = 0) -> Method:
-    """The method `settings.name` names, with those settings (a recipe's `method` section), for
-    the process of global rank `rank` (what `method.draws: per_rank` draws apart)."""
-    return method_class(settings.name)(settings, label_smoothing, rank)
+def build_method(settings: MethodSettings, context: MethodContext | None = None) -> Method:
+    """The method `settings.name` names, with those settings (a recipe's `method` section), in
+    the run that `context` describes (rank, label smoothing, classes, data normalisation)."""
+    return method_class(settings.name)(settings, context)

@@ -14,11 +14,11 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from pipeline.methods.base import Method, MethodOutput, MixSettings
+from pipeline.methods.base import MixSettings
+from pipeline.methods.pair_mix import Mixed, PairMix
 from pipeline.methods.registry import register_method
-from pipeline.mixing import mixed_cross_entropy, sample_mix
+from pipeline.mixing import MixSample
 from pipeline.mixing.boxes import resizemix
-from pipeline.models import MixNet
 
 
 class ResizeMixSettings(MixSettings):
@@ -52,19 +52,15 @@ class ResizeMixSettings(MixSettings):
 
 
 @register_method("resizemix")
-class ResizeMix(Method):
+class ResizeMix(PairMix):
     """Each partner x[π] resized whole into one patch, pasted at one place for the batch."""
 
     Settings = ResizeMixSettings
 
-    def __call__(self, model: MixNet, images: Tensor, labels: Tensor, rng: torch.Generator):
-        choices = self.choice_generator(rng)
-        # Beta(1, 1) is U(0, 1): with the default α the draw below is the paper's uniform τ.
-        s = sample_mix(images.shape[0], self.settings.alpha, images.device, rng, choices)
+    def mix_images(self, images: Tensor, s: MixSample, choices: torch.Generator) -> Mixed:
+        # λ ~ Beta(α, α) is τ's draw; Beta(1, 1) is U(0, 1): the default α gives the paper's τ.
         low, high = self.settings.scale_min, self.settings.scale_max
         scale = low + (high - low) * s.lam
         with self.section("mix"):
             mixed, lam = resizemix(images, s.perm, scale, choices, self.settings.interpolation)
-        logits = model(mixed)
-        loss = mixed_cross_entropy(logits, labels, s.perm, lam, self.label_smoothing)
-        return MethodOutput(loss, logits, {"lam": torch.tensor(lam), "scale": torch.tensor(scale)})
+        return Mixed(mixed, lam, {"scale": torch.tensor(scale)})

@@ -15,11 +15,11 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from pipeline.methods.base import Method, MethodOutput, MixSettings
+from pipeline.methods.base import MixSettings
+from pipeline.methods.pair_mix import Mixed, PairMix
 from pipeline.methods.registry import register_method
-from pipeline.mixing import mixed_cross_entropy, per_sample_mixed_cross_entropy, sample_mix
+from pipeline.mixing import MixSample
 from pipeline.mixing.boxes import paste_boxes, saliency_boxes
-from pipeline.models import MixNet
 
 
 class SaliencyMixSettings(MixSettings):
@@ -35,28 +35,17 @@ class SaliencyMixSettings(MixSettings):
 
 
 @register_method("saliencymix")
-class SaliencyMix(Method):
+class SaliencyMix(PairMix):
     """λ and π from the step's generators; the box from the partner's saliency (no further
     draws); λ corrected to the share of each image left unpasted (the box is clipped at the
     border, and a peak near the border clips it often)."""
 
     Settings = SaliencyMixSettings
 
-    def __call__(self, model: MixNet, images: Tensor, labels: Tensor, rng: torch.Generator):
-        choices = self.choice_generator(rng)
-        s = sample_mix(images.shape[0], self.settings.alpha, images.device, rng, choices)
+    def mix_images(self, images: Tensor, s: MixSample, choices: torch.Generator) -> Mixed:
         per_image = self.settings.boxes == "per_image"
         with self.section("saliency"):
             boxes = saliency_boxes(images, s.perm, s.lam, per_image)
         with self.section("mix"):
             mixed, lam = paste_boxes(images, s.perm, boxes)
-        logits = model(mixed)
-        if per_image:
-            lam_dev = lam.to(images.device, torch.float32)
-            loss = per_sample_mixed_cross_entropy(
-                logits, labels, s.perm, lam_dev, self.label_smoothing
-            )
-            return MethodOutput(loss, logits, {"lam": lam.mean().float()})
-        lam_box = float(lam[0])  # one box for all: one λ
-        loss = mixed_cross_entropy(logits, labels, s.perm, lam_box, self.label_smoothing)
-        return MethodOutput(loss, logits, {"lam": torch.tensor(lam_box)})
+        return Mixed(mixed, lam if per_image else float(lam[0]))  # one box for all: one λ

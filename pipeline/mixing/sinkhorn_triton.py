@@ -18,8 +18,9 @@ iterations:
   writes its plan, error and iteration count; then `reduce`.
 
 The arithmetic follows the eager solver's order of operations (log-domain potentials, the
-−87 floor inside logsumexp), so plans agree to float32 rounding; `tests/test_sinkhorn_triton.py`
-checks that under Triton's interpreter (`TRITON_INTERPRET=1` runs the kernels on CPU tensors).
+−87 floor inside logsumexp), so plans agree to float32 rounding;
+`tests/unit/test_sinkhorn_triton.py` checks that under Triton's interpreter (`TRITON_INTERPRET=1`
+runs the kernels on CPU tensors).
 The solve is one custom op (`torch.library.custom_op`, `alignmixup::sinkhorn`) with a fake
 implementation: one op to the dispatcher, counted as such on FakeTensors, and one node to
 `torch.compile`, which calls it without a graph break.

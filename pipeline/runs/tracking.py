@@ -14,11 +14,12 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import TrackingConfig
 from pipeline.errors import TrackingError
-from pipeline.recipe import Recipe, dump_recipe
 from pipeline.runs import provenance
 from pipeline.runs.journal import FILE, Journal, read_entries
 from pipeline.runs.sender import SendState, pending_bytes, send_pending
@@ -94,12 +95,22 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+@dataclass(frozen=True)
+class NewRun:
+    """What a new MLflow run opens with: the tracker is told values, it reads no recipe."""
+
+    name: str  # the run's name unless `tracking.run_name` sets one
+    params: dict[str, Any]  # the recipe's flat keys and the run's facts (world_size, ...)
+    recipe_yaml: str  # kept as the run's recipe.yaml
+    tags: dict[str, str] = field(default_factory=dict)  # e.g. method and model
+    hosts: list[str] | None = None  # of all ranks (provenance)
+
+
 class Tracker:
     """The run's tracking, a no-op on other ranks than the main one (`enabled`)."""
 
-    def __init__(self, recipe: Recipe, output_dir: str | Path, enabled: bool) -> None:
-        self.recipe = recipe
-        self.cfg = recipe.tracking
+    def __init__(self, cfg: TrackingConfig, output_dir: str | Path, enabled: bool) -> None:
+        self.cfg = cfg
         self.enabled = enabled
         self.folder = Path(output_dir) / FOLDER
         self.uri = resolve_tracking_uri(self.cfg.tracking_uri)
@@ -118,10 +129,9 @@ class Tracker:
         """The MLflow run, once the journal's start has reached MLflow."""
         return recorded_run_id(self.folder.parent) if self.enabled else None
 
-    def start(self, extra_params: dict[str, Any], hosts: list[str] | None = None) -> None:
-        """Open the journal (a new run with its provenance, provenance.py, `hosts` those of all
-        ranks; or a resumed one, which keeps the provenance it started with) and start delivering
-        it."""
+    def start(self, run: NewRun) -> None:
+        """Open the journal (a new run, `run` with its provenance, provenance.py; or a resumed
+        one, which keeps what it started with) and start delivering it."""
         if not self.enabled:
             return
         if self.cfg.enabled and self.cfg.required:
@@ -138,21 +148,20 @@ class Tracker:
         self.journal = Journal(self.folder)
         if self.journal.empty():
             diff = provenance.git_diff()
-            world_size = int(extra_params.get("world_size", 1))
+            world_size = int(run.params.get("world_size", 1))
             self.journal.append(
                 "start",
-                name=self.cfg.run_name or self.recipe.name,
+                name=self.cfg.run_name or run.name,
                 experiment=self.cfg.experiment,
                 tags={
-                    **provenance.pipeline_tags(diff, world_size, hosts),
-                    "method": self.recipe.method.name,
-                    "model": self.recipe.model.name,
+                    **provenance.pipeline_tags(diff, world_size, run.hosts),
+                    **run.tags,
                     DESCRIPTION_TAG: UNITS_NOTE,
                 },
                 source=provenance.source(),  # MLflow's source tags, named by the sender
                 code_diff=self._keep_diff(diff),  # sent as code/git_diff.patch
-                params={**self.recipe.flat(), **extra_params},
-                recipe=dump_recipe(self.recipe),
+                params=run.params,
+                recipe=run.recipe_yaml,
                 tracking_uri=absolute_uri(self.uri),  # where `sync-tracking` sends it later
             )
         else:

@@ -139,11 +139,13 @@ def build_bench(
     """Model and optimiser for `method`, and a closure running one `train_step`."""
     from pipeline.methods import build_method
     from pipeline.models import count_parameters
+    from pipeline.training.build import method_context
     from pipeline.training.optim import build_optimizer
     from pipeline.training.step import MethodRunner, StepSettings, step_generator, train_step
 
     recipe = recipe_for(method, s)
-    chosen = build_method(recipe.method, recipe.optim.label_smoothing, accelerator.process_index)
+    context = method_context(recipe, accelerator.process_index, s.num_classes)
+    chosen = build_method(recipe.method, context)
     model = chosen.build_model(recipe.model, s.num_classes)
     params = count_parameters(model)
     if s.channels_last:

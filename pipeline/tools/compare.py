@@ -61,7 +61,7 @@ def _compare_run_id(client: MlflowClient, experiment: str, uri: str) -> str:
     from pipeline.runs import provenance, store
     from pipeline.runs.store import experiment_id
     from pipeline.runs.tracking import DESCRIPTION_TAG, UNITS_NOTE
-    from pipeline.tools.runs_table import COMPARE_TAG, COMPARE_VALUE, is_compare_run
+    from pipeline.tools.compare_table import COMPARE_TAG, COMPARE_VALUE, is_compare_run
 
     exp_id = experiment_id(compare_experiment(experiment), uri)
     existing = [r for r in store.all_runs(client, exp_id) if is_compare_run(r)]
@@ -84,14 +84,14 @@ def write_comparison(
     rows: list[dict[str, Any]], curves: dict[str, list[tuple[int, float]]], output_dir: Path
 ) -> dict[str, Path]:
     """The table (Markdown, CSV) and plots of `rows`; the written files by kind."""
-    from pipeline.tools import compare_plots, reference, runs_table
+    from pipeline.tools import compare_plots, compare_table, reference
 
     rows = [reference.add_gap(r, curves.get(r["run"], [])) for r in rows]
-    columns = runs_table.columns_for(rows)
+    columns = compare_table.columns_for(rows)
     output_dir.mkdir(parents=True, exist_ok=True)
     files = {"markdown": output_dir / "comparison.md", "csv": output_dir / "comparison.csv"}
-    files["markdown"].write_text(runs_table.to_markdown(rows, columns))
-    files["csv"].write_text(runs_table.to_csv(rows, columns))
+    files["markdown"].write_text(compare_table.to_markdown(rows, columns))
+    files["csv"].write_text(compare_table.to_csv(rows, columns))
     plots = {
         "val_curves": compare_plots.plot_val_curves(
             curves, output_dir / "val_curves.png", reference.references_for(rows)
@@ -108,12 +108,12 @@ def compare(
     """Build the table and plots for `experiment`; returns the written files by kind."""
     from pipeline.runs import store
     from pipeline.runs.store import resolve_tracking_uri
-    from pipeline.tools import runs_table
+    from pipeline.tools import compare_table
 
     uri = resolve_tracking_uri(tracking_uri)
     client, exp = store.open_experiment(experiment, uri)
     # build_rows leaves out the compare runs that earlier versions logged into `experiment`
-    rows = runs_table.build_rows(store.all_runs(client, exp.experiment_id))
+    rows = compare_table.build_rows(store.all_runs(client, exp.experiment_id))
     if not rows:
         raise PipelineError(f"MLflow experiment {experiment!r} in {uri} has no runs to compare")
     curves = {
@@ -135,7 +135,7 @@ def compare_folders(folders: list[Path], output_dir: Path) -> dict[str, Path]:
     """The same table and plots for run folders, from their tracking journals (no MLflow)."""
     from pipeline.runs.journal import read_run
     from pipeline.runs.tracking import FOLDER
-    from pipeline.tools import runs_table
+    from pipeline.tools import compare_table
 
     rows, curves = [], {}
     for folder in folders:
@@ -145,9 +145,9 @@ def compare_folders(folders: list[Path], output_dir: Path) -> dict[str, Path]:
             raise PipelineError(
                 f"{folder}: not a run folder with a tracking journal ({exc})"
             ) from None
-        rows.append(runs_table.row(record.name, record.params, record.metrics, str(folder)))
+        rows.append(compare_table.row(record.name, record.params, record.metrics, str(folder)))
         curves[record.name] = record.history.get(VAL_METRIC, [])
-    return write_comparison(runs_table.in_method_order(rows), curves, output_dir)
+    return write_comparison(compare_table.in_method_order(rows), curves, output_dir)
 
 
 def run_command(args: argparse.Namespace) -> int:

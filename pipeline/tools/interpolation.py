@@ -66,7 +66,7 @@ def alignment_effect(decoded: Tensor) -> Tensor:
 
 def effect_table(effect: Tensor, lambdas: tuple[float, ...] = LAMBDAS) -> str:
     """The mean |aligned − unaligned| per λ as a Markdown table, one row per equation."""
-    from pipeline.runs.table import format_table
+    from pipeline.tables import format_table
 
     headers = ["mean abs(aligned − unaligned)", *(f"λ = {lam:g}" for lam in lambdas)]
     rows = [

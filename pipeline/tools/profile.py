@@ -149,7 +149,7 @@ def _sections(record: dict) -> str:
 
 def format_table(records: list[dict]) -> str:
     """The records as a Markdown table; times in ms, the hook's per step, the split per call."""
-    from pipeline.runs.table import cell, format_table
+    from pipeline.tables import cell, format_table
 
     headers = [
         "method",
@@ -193,7 +193,7 @@ def format_table2(records: list[dict]) -> str:
     """The paper's Table 2 beside this run: each method's cost as a ratio to the baseline,
     here and on the authors' RTX 2080 Ti (absolute times of different machines do not compare;
     ratios measured in one run do)."""
-    from pipeline.runs.table import cell, format_table
+    from pipeline.tables import cell, format_table
     from pipeline.tools.reference import TABLE2
 
     base = TABLE2["baseline"][1]

@@ -1,5 +1,5 @@
 """What a recipe asks for, built once for the trainer: the accelerator, then (in this order, which
-fixes the random draws) the method, the loaders, the model, the optimiser, the EMA and the lr
+fixes the random draws) the loaders, the method, the model, the optimiser, the EMA and the lr
 schedule, with the run's clock."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import CheckpointError, RecipeError
-from pipeline.methods import Method, build_method, method_class
+from pipeline.methods import Method, MethodContext, build_method, method_class
 from pipeline.models import MixNet, count_parameters
 from pipeline.recipe import Recipe
 from pipeline.runs.checkpoints import TrainerState
@@ -49,7 +49,7 @@ def make_accelerator(recipe: Recipe):
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     cfg = recipe.train
-    unused = method_class(recipe.method.name).unused_parameters
+    unused = method_class(recipe.method.name).needs(recipe.method).unused_parameters
     handlers = [
         DistributedDataParallelKwargs(find_unused_parameters=bool(unused)),
         InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.collective_timeout_minutes)),
@@ -61,9 +61,9 @@ def build_run(recipe: Recipe, accelerator, index_dir) -> RunParts:
     """Everything the recipe asks for, on this rank; `index_dir` holds a dataset index that
     cannot be written beside the data."""
     cfg, acc = recipe.train, accelerator
-    method = build_method(recipe.method, recipe.optim.label_smoothing, acc.process_index)
     loaders = _loaders(recipe, acc, index_dir)
     num_classes = recipe.model.num_classes or loaders.num_classes
+    method = build_method(recipe.method, method_context(recipe, acc.process_index, num_classes))
     model = _model(recipe, method, num_classes)
     steps_per_epoch = len(loaders.train)  # loader batches (micro-batches)
     accum = _accumulation(cfg, recipe.data.batch_size * acc.num_processes)
@@ -79,6 +79,17 @@ def build_run(recipe: Recipe, accelerator, index_dir) -> RunParts:
     settings = StepSettings(recipe.optim.grad_clip, recipe.model.channels_last)
     return RunParts(loaders, model, method, runner, optimizer, set_lr, ema, clock, num_classes,
                     base_lr, settings)  # fmt: skip
+
+
+def method_context(recipe: Recipe, rank: int, num_classes: int | None = None) -> MethodContext:
+    """What the method of `recipe` is told of the run, on the process of global rank `rank`."""
+    return MethodContext(
+        rank=rank,
+        label_smoothing=recipe.optim.label_smoothing,
+        num_classes=num_classes or recipe.model.num_classes,
+        mean=tuple(recipe.data.mean),
+        std=tuple(recipe.data.std),
+    )
 
 
 def _loaders(recipe: Recipe, accelerator, index_dir):

@@ -29,12 +29,11 @@ def draw_curves(loss: Points, top1: Points, top5: Points, title: str):
     return fig
 
 
-def plot_curves(tracker: Tracker, path: Path) -> Path | None:
-    """Training loss and validation error curves of the run, as one PNG."""
+def plot_curves(tracker: Tracker, path: Path, title: str) -> Path | None:
+    """Training loss and validation error curves of the run, as one PNG titled `title`."""
     loss = tracker.history("train/loss")
     top1 = tracker.history("val/top1_err")
     if not loss and not top1:
         return None
-    title = f"{tracker.recipe.name} ({tracker.recipe.method.name})"
     draw_curves(loss, top1, tracker.history("val/top5_err"), title).savefig(path, dpi=110)
     return path

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.runs.table import cell, format_table
+from pipeline.tables import cell, format_table
 
 
 @dataclass

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import CollectiveTimeout, PipelineError
-from pipeline.recipe import Recipe
+from pipeline.recipe import Recipe, dump_recipe
 from pipeline.runs.distributed import all_hosts
 from pipeline.runs.journal import read_run
 from pipeline.runs.model_file import FINAL_MODEL, model_facts, save_final_model
 from pipeline.runs.run_lock import RunLock
-from pipeline.runs.tracking import Tracker
+from pipeline.runs.tracking import NewRun, Tracker
 from pipeline.training.build import build_run, make_accelerator
 from pipeline.training.checkpointer import Checkpointer
 from pipeline.training.clock import Clock
@@ -62,7 +62,7 @@ class Trainer:
     def _components(self) -> None:
         """The policies around the step, each with its own settings and state."""
         recipe, acc, parts = self.recipe, self.accelerator, self.parts
-        self.tracker = Tracker(recipe, self.output_dir, enabled=acc.is_main_process)
+        self.tracker = Tracker(recipe.tracking, self.output_dir, enabled=acc.is_main_process)
         self.watch = PreemptionWatch(self.output_dir)
         self.checkpointer = Checkpointer(acc, recipe, self.output_dir, self._facts)
         self.validator = Validator(
@@ -242,10 +242,18 @@ class Trainer:
 
     def _start_tracking(self) -> None:
         """Open the run's journal (every rank names its host), note skipped files."""
-        acc, parts = self.accelerator, self.parts
-        extra = {"num_params": parts.num_params, "world_size": acc.num_processes}
-        extra |= {"lr_scaled": parts.base_lr, "steps_per_epoch": self.clock.steps_per_epoch}
-        self.tracker.start(extra, hosts=all_hosts(acc))
+        recipe, acc, parts = self.recipe, self.accelerator, self.parts
+        facts = {"num_params": parts.num_params, "world_size": acc.num_processes}
+        facts |= {"lr_scaled": parts.base_lr, "steps_per_epoch": self.clock.steps_per_epoch}
+        self.tracker.start(
+            NewRun(
+                name=recipe.name,
+                params={**recipe.flat(), **facts},
+                recipe_yaml=dump_recipe(recipe),
+                tags={"method": recipe.method.name, "model": recipe.model.name},
+                hosts=all_hosts(acc),
+            )
+        )
         if parts.loaders.skipped:
             self.tracker.log({"data/skipped_files": float(len(parts.loaders.skipped))}, 0)
 
@@ -271,7 +279,8 @@ class Trainer:
         ema = self.parts.ema.module if self.parts.ema is not None else None
         final = self.output_dir / FINAL_MODEL
         save_final_model(final, model, self.recipe, self._facts(), self.clock.state, ema)
-        curves = plot_curves(self.tracker, self.output_dir / "curves.png")
+        title = f"{self.recipe.name} ({self.recipe.method.name})"
+        curves = plot_curves(self.tracker, self.output_dir / "curves.png", title)
         if curves is not None:
             self.tracker.artifact(curves)
 

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_data_files import break_dataset, cfg, photo, write_imagefolder
 
 from pipeline.data import build_loaders
 from pipeline.data.cli import register
 from pipeline.data.index import indexed_split
 from pipeline.errors import DataError
 from tests.gloo import run_two_ranks
+from tests.image_folders import break_dataset, cfg, photo, write_imagefolder
 
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:nvidia.dali")
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def age(root: Path, seconds: float = 60) -> None:

@@ -19,7 +19,7 @@ from pipeline.runs.journal import read_entries
 from pipeline.training.preempt import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 KILL_WAIT = 30.0  # Slurm's default: SIGKILL follows SIGTERM after this many seconds
 TRAIN = [sys.executable, "-m", "pipeline", "train", "--recipe", "recipes/demo/baseline.yaml"]
 

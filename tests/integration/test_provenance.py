@@ -28,7 +28,7 @@ from pipeline.recipe import load_recipe
 from pipeline.runs import provenance
 from pipeline.tools import compare as compare_cmd
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MAIN = str(REPO / "pipeline" / "__main__.py")  # sys.argv[0] under `python -m pipeline`
 SLURM = {
     "SLURM_JOB_ID": "4242",

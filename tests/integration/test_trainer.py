@@ -25,7 +25,7 @@ from pipeline.training import Trainer
 from pipeline.training.preempt import EXIT_PREEMPTED, STOP_FILE
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _losses(uri: str, run_id: str) -> dict[int, float]:
@@ -347,7 +347,7 @@ from pipeline.recipe import load_recipe
 from pipeline.training import Trainer
 trainer = Trainer(load_recipe(None, sys.argv[2:]))
 rank = trainer.accelerator.process_index
-assert trainer.parts.method.rank == rank  # what method.draws=per_rank draws apart
+assert trainer.parts.method.context.rank == rank  # what method.draws=per_rank draws apart
 snapshot = lambda: {k: v.detach().clone() for k, v in trainer.parts.model.named_parameters()}
 torch.save(snapshot(), f"{sys.argv[1]}/initial{rank}.pt")
 trainer.fit()

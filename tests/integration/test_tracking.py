@@ -17,7 +17,7 @@ from mlflow_server import MlflowServer, free_port
 from pipeline.runs.journal import read_entries
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _train(overrides: list[str], env: dict) -> subprocess.Popen:

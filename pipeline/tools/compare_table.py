@@ -14,7 +14,7 @@ import io
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.runs.table import cell, format_table
+from pipeline.tables import cell, format_table
 
 if TYPE_CHECKING:
     from mlflow.entities import Run

@@ -22,7 +22,7 @@ from pipeline.runs.checkpoints import list_checkpoints, read_state
 from pipeline.runs.run_lock import LOCK_FILE
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _train() -> list[str]:

@@ -29,7 +29,7 @@ from pipeline.training import Trainer
 from pipeline.training.step import StepOutput
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 STEP2, STEP4 = "step_00000002", "step_00000004"
 
 

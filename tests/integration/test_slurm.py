@@ -21,7 +21,7 @@ from tests.slurm_cluster import SlurmCluster, ensure_installed
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # slurm/launch.sh's settings: cleared so that the caller's environment cannot leak into a test.
 SETTINGS = (
     "RECIPE",

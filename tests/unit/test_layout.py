@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
+PACKAGE = Path(__file__).resolve().parents[2] / "pipeline"
 FLOORS = {
     "errors": 1,
     "config": 1,
     "mixing": 1,
+    "tables": 1,
     "cli": 2,
     "data": 2,
     "models": 2,
@@ -28,7 +29,7 @@ EXEMPT = {"__init__", "__main__"}  # the package's lazy re-export and `python -m
 
 
 def _unit(path: Path) -> str:
-    """`pipeline/runs/table.py` → `runs`; `pipeline/recipe.py` → `recipe`."""
+    """`pipeline/runs/journal.py` → `runs`; `pipeline/recipe.py` → `recipe`."""
     return path.relative_to(PACKAGE).parts[0].removesuffix(".py")
 
 

@@ -18,7 +18,7 @@ WORKER = textwrap.dedent(
     import torch
     import torch.distributed as dist
     from pipeline.config import ModelConfig
-    from pipeline.methods import build_method
+    from pipeline.methods import MethodContext, build_method
     from pipeline.models import build_model
     from pipeline.recipe import load_recipe
     from pipeline.training.step import step_generator
@@ -28,7 +28,7 @@ WORKER = textwrap.dedent(
     rank, steps = int(rank), [int(s) for s in steps.split(",")]
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     recipe = load_recipe(None, [f"method.name={method}", f"method.draws={draws}"])
-    chosen = build_method(recipe.method, rank=dist.get_rank())
+    chosen = build_method(recipe.method, MethodContext(rank=dist.get_rank()))
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="test_resnet", output_stride=8), 10).eval()
     g = torch.Generator().manual_seed(1)

@@ -19,7 +19,7 @@ from pipeline.methods.alignmixup_ae import gaussian_kl
 from pipeline.recipe import load_recipe
 from tests.authors_reference import aligned_mix, authors_assignment
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ABLATIONS = sorted((REPO / "recipes" / "cifar100_ablation").glob("[!_]*.yaml"))
 B, K = 8, 10
 

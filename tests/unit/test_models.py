@@ -127,7 +127,7 @@ def test_timm_pretrained_without_a_local_copy_names_the_key_and_never_touches_th
         "print('network calls:', len(calls))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env |= {"HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(Path(__file__).parents[1])}
+    env |= {"HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(Path(__file__).parents[2])}
     proc = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
     )

@@ -10,7 +10,7 @@ from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.methods import method_names
 from pipeline.tools import compare as compare_cmd
-from pipeline.tools import runs_table
+from pipeline.tools import compare_table
 from pipeline.tools.method_order import METHOD_ORDER
 
 EXPERIMENT = "cmp-test"
@@ -134,7 +134,7 @@ def test_table_numbers_equal_logged_metrics(store, tmp_path):
 def test_rows_take_the_papers_method_order_and_other_methods_come_last_by_name():
     methods = ["zeta_mix", "alignmixup", "alpha_mix", "baseline", "alignmixup", "puzzlemix"]
     rows = [{"method": m, "run": i} for i, m in enumerate(methods)]
-    ordered = [(r["method"], r["run"]) for r in runs_table.in_method_order(rows)]
+    ordered = [(r["method"], r["run"]) for r in compare_table.in_method_order(rows)]
     assert ordered == [
         ("baseline", 3),
         ("puzzlemix", 5),

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.cli import main
 from pipeline.recipe import load_recipe
 from pipeline.runs.journal import Journal, read_entries, read_run
-from pipeline.runs.tracking import Tracker
+from pipeline.runs.tracking import NewRun, Tracker
 
 EXPERIMENT = "t_journal_recovery"
 
@@ -158,8 +158,8 @@ def test_sync_delivers_to_the_store_the_run_recorded(tmp_path, capsys, mlflow_ur
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     recipe = load_recipe(None, ["tracking.enabled=false", f"tracking.experiment={EXPERIMENT}"])
     run = tmp_path / "recorded"
-    tracker = Tracker(recipe, run, enabled=True)
-    tracker.start({})
+    tracker = Tracker(recipe.tracking, run, enabled=True)
+    tracker.start(NewRun("t", recipe.flat(), ""))
     tracker.log({"train/loss": 0.75}, step=1)
     tracker.end("FINISHED")
     # ...synced from another folder, in a shell without it.
@@ -177,8 +177,8 @@ def test_sync_delivers_to_the_store_the_run_recorded(tmp_path, capsys, mlflow_ur
 
     # Nothing set: the run records the default store, from the folder it started in.
     monkeypatch.chdir(tmp_path / "job")
-    tracker = Tracker(recipe, tmp_path / "default", enabled=True)
-    tracker.start({})
+    tracker = Tracker(recipe.tracking, tmp_path / "default", enabled=True)
+    tracker.start(NewRun("t", recipe.flat(), ""))
     tracker.end("FINISHED")
     start = next(read_entries(tmp_path / "default" / "tracking" / "journal.jsonl"))[1]
     assert start["tracking_uri"] == f"sqlite:///{tmp_path / 'job' / 'mlflow.db'}"

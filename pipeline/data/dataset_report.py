@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.data.check import validate_split
+from pipeline.data.image_checks import validate_split
 from pipeline.data.index import save_index
 from pipeline.data.layouts import SPLITS, scan_split
 from pipeline.errors import DataError

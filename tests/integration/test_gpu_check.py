@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
 
 
@@ -38,7 +38,7 @@ def test_gpu_requirements_are_pinned_as_the_lock():
 def test_gpu_tests_skip_without_cuda_and_say_why():
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
-         "tests/test_gpu.py"],
+         "tests/integration/test_gpu.py"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:]

@@ -13,7 +13,7 @@ import yaml
 from pipeline.cli import main
 from pipeline.recipe import Recipe, load_recipe
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "recipes" / "demo"
 
 
@@ -103,7 +103,7 @@ def test_eval_and_wsol_print_the_checkpoints_recipe_with_overrides(command, caps
 
 def test_tables_label_errors_and_accuracies_in_percent():
     from pipeline.evaluation.report import results_table
-    from pipeline.tools.runs_table import columns_for
+    from pipeline.tools.compare_table import columns_for
     from pipeline.training.summary import RunSummary, summary_table
 
     summary = RunSummary("r", "baseline", 10, 1, 1.0, 12.5, 2.0, 11.0, 5.0, 9.0, 1.0, None, ".")
@@ -146,14 +146,14 @@ def test_plots_label_error_axes_in_percent():
 def test_mlflow_runs_say_their_units(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.runs.tracking import DESCRIPTION_TAG, Tracker
+    from pipeline.runs.tracking import DESCRIPTION_TAG, NewRun, Tracker
 
     uri = f"sqlite:///{tmp_path}/m.db"
     recipe = load_recipe(
         DEMO / "baseline.yaml", [f"tracking.tracking_uri={uri}", "tracking.system_metrics=false"]
     )
-    tracker = Tracker(recipe, tmp_path / "run", enabled=True)
-    tracker.start({})
+    tracker = Tracker(recipe.tracking, tmp_path / "run", enabled=True)
+    tracker.start(NewRun("t", recipe.flat(), ""))
     tracker.end("FINISHED")
     client = MlflowClient(uri)
     note = client.get_run(tracker.run_id).data.tags[DESCRIPTION_TAG]

@@ -21,7 +21,7 @@ from tests.triton_interpreter import SHAPES, random_cost
 pytest.importorskip("triton")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MODES = ("authors", "converged")
 
 

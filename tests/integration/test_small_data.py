@@ -21,7 +21,7 @@ from pipeline.errors import DataError
 from pipeline.models import build_model, count_parameters
 from pipeline.recipe import load_recipe
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _batch(rng, n: int, labels_key: bytes, classes: int) -> dict:
@@ -328,8 +328,8 @@ def test_compare_draws_the_authors_curve_and_gives_the_gap(tmp_path):
 
     from pipeline.tools.compare import write_comparison
     from pipeline.tools.compare_plots import draw_val_curves
+    from pipeline.tools.compare_table import row
     from pipeline.tools.reference import references_for
-    from pipeline.tools.runs_table import row
 
     params = {"method.name": "alignmixup", "model.name": "preactresnet18"}
     params["data.layout"] = "cifar100"

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import pipeline.methods.puzzlemix as method_module
 from pipeline.config import ModelConfig
 from pipeline.errors import RecipeError
-from pipeline.methods import build_method
+from pipeline.methods import MethodContext, build_method
 from pipeline.mixing import puzzlemix as pm
 from pipeline.models import build_model
 from pipeline.recipe import load_recipe
@@ -28,9 +28,9 @@ from pipeline.training.step import step_generator
 B, K = 6, 10
 
 
-def _method(**settings):
+def _method(context: MethodContext | None = None, **settings):
     extra = [f"method.{k}={v}" for k, v in settings.items()]
-    return build_method(load_recipe(None, ["method.name=puzzlemix", *extra]).method)
+    return build_method(load_recipe(None, ["method.name=puzzlemix", *extra]).method, context)
 
 
 def _model():
@@ -398,8 +398,9 @@ def test_the_same_seed_and_step_give_the_same_output_whatever_the_global_rngs():
 
 def test_the_settings_reach_the_mixing_functions_as_one_options_value():
     method = _method(
-        n_labels=2, beta=0.5, gamma=1.0, eta=0.3, neigh_size=4, pixel_std="[0.5,0.25,0.125]",
-        t_eps=0.3, t_size=4, transport_solver="exact",
+        MethodContext(std=(0.5, 0.25, 0.125)),  # the data's std, which the run passes on
+        n_labels=2, beta=0.5, gamma=1.0, eta=0.3, neigh_size=4, t_eps=0.3, t_size=4,
+        transport_solver="exact",
     )  # fmt: skip
     assert method.options == pm.PuzzleOptions(
         n_labels=2, beta=0.5, gamma=1.0, eta=0.3, neigh_size=4, pixel_std=(0.5, 0.25, 0.125),
@@ -420,7 +421,7 @@ def test_the_settings_reach_the_mixing_functions_as_one_options_value():
         ("method.block_nums=[]", r"method\.block_nums"),
         ("method.transport_solver=hungarian", r"method\.transport_solver"),
         ("method.t_size=0", r"method\.t_size"),
-        ("method.pixel_std=[0.2,0,0.2]", r"method\.pixel_std\.1"),
+        ("method.pixel_std=[0.2,0.2,0.2]", r"unknown key 'method\.pixel_std'"),  # data.std
         ("method.beta=-1", r"method\.beta"),
         ("method.sinkhorn=authors", r"unknown key 'method\.sinkhorn'"),
     ],
@@ -435,7 +436,7 @@ def test_bad_inputs_are_value_errors_saying_what_was_expected():
     with pytest.raises(ValueError, match="divides the image side 30"):
         _method(block_nums="[4]")(model, x[..., :30, :30], y, step_generator(0, 0))
     with pytest.raises(ValueError, match="pixel_std must hold 3"):
-        _method(pixel_std="[0.2]")(model, x, y, step_generator(0, 0))
+        _method(MethodContext(std=(0.2,)))(model, x, y, step_generator(0, 0))
     terms = pm.puzzle_terms(S, S_PARTNER, X, PARTNER, 0.3, pm.PuzzleOptions(n_labels=2, **HAND))
     with pytest.raises(ValueError, match=r"mask values must be among"):
         pm.puzzle_energy(torch.full((1, 2, 2), 0.5), terms)

@@ -14,7 +14,7 @@ from pydantic import Field
 from pipeline.errors import RecipeError
 from pipeline.methods import Method, MethodOutput, MixSettings, build_method, register_method
 from pipeline.methods import registry as registry_module
-from pipeline.methods.registry import method_names
+from pipeline.methods.registry import method_class, method_names
 from pipeline.mixing import input_mixup, mixed_cross_entropy, sample_mix
 from pipeline.recipe import load_recipe
 from pipeline.runs.checkpoints import TrainerState
@@ -108,7 +108,7 @@ def test_every_method_trains_a_real_step(row, accelerator, one_torch_thread):
     _, losses, missing, names = _run(accelerator, recipe)
     assert all(np.isfinite(losses)), losses
     assert any(n.startswith("stages.0.") for n in names - missing)  # gradients reach the stem
-    declared = build_method(recipe.method).unused_parameters
+    declared = method_class(recipe.method.name).needs(recipe.method).unused_parameters
     assert all(n.startswith(declared) for n in missing) if declared else not missing, missing
     # the same (seed, step) gives the same loss, with other values in the global RNGs
     _, again, _, _ = _run(accelerator, recipe)
@@ -123,9 +123,9 @@ def test_every_method_round_trips_through_a_model_file(row, accelerator, tmp_pat
     save_final_model(path, model, recipe, model_facts(model, K, list("abcde")), TrainerState())
     loaded, loaded_recipe, facts = load_model(path)
     assert loaded_recipe == recipe and type(loaded_recipe.method) is type(recipe.method)
-    method = build_method(recipe.method)
-    assert facts["has_decoder"] == method.needs_decoder
-    assert facts["has_embedding"] == (method.needs_decoder or method.needs_embedding)
+    needs = method_class(recipe.method.name).needs(recipe.method)
+    assert facts["has_decoder"] == needs.decoder
+    assert facts["has_embedding"] == (needs.decoder or needs.embedding)
     assert facts["class_names"] == list("abcde")
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
@@ -145,7 +145,8 @@ def test_a_channels_last_model_is_saved_and_loads_back(tmp_path):
 
 def test_unused_parameters_are_declared_only_where_some_go_without_gradient(accelerator):
     """The AE's decoder is its only declared-unused part, and it does go without gradient."""
-    declared = {n: build_method(_recipe(n).method).unused_parameters for n in method_names()}
+    needs = {n: method_class(n).needs(_recipe(n).method) for n in method_names()}
+    declared = {n: need.unused_parameters for n, need in needs.items()}
     assert {n for n, d in declared.items() if d} == {"alignmixup_ae"}
     _, _, missing, _ = _run(accelerator, _recipe("alignmixup_ae", "method.clean_prob=0"), 2)
     assert missing and all(n.startswith("decoder.") for n in missing)
@@ -209,6 +210,58 @@ def test_a_method_registered_in_a_test_file_trains(twice_mixed, tiny_overrides, 
     }
     assert run.data.metrics["method/rounds"] == 3.0
     assert "test_twice_mixed" in method_names()
+
+
+@pytest.fixture
+def split_mix():
+    """A pair-mixing method written here in a few lines: the columns from round(λ·W) on come
+    from the partner, and λ becomes the share of columns kept."""
+    from pipeline.methods import Mixed, PairMix
+
+    @register_method("test_split_mix")
+    class SplitMix(PairMix):
+        def mix_images(self, images, s, choices):
+            cut = round(s.lam * images.shape[-1])
+            mixed = images.clone()
+            mixed[..., cut:] = images[s.perm][..., cut:]
+            return Mixed(mixed, cut / images.shape[-1], {"cut": torch.tensor(float(cut))})
+
+    yield SplitMix
+    registry_module._METHODS.pop("test_split_mix")
+
+
+def test_a_pair_mixing_method_is_a_few_lines_and_gets_the_pair_loss(split_mix, accelerator):
+    import inspect
+
+    import torch.nn.functional as F
+
+    assert len(inspect.getsource(split_mix).splitlines()) <= 25
+    recipe = _recipe("test_split_mix", "method.alpha=0.7", "optim.label_smoothing=0.1")
+    assert {"alpha", "draws"} <= set(type(recipe.method).model_fields)  # the pair-mix settings
+    _, losses, _, _ = _run(accelerator, recipe)
+    assert all(np.isfinite(losses)), losses
+
+    # One step by hand: λ and π as the pair-mix base draws them (λ, then π, from the step's
+    # generator under draws: global), the mix written out, CE from torch itself.
+    from pipeline.methods.base import MethodContext
+
+    torch.manual_seed(0)
+    method = build_method(recipe.method, MethodContext(label_smoothing=0.1))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, K))  # far
+    g = torch.Generator().manual_seed(3)  # from uniform logits, so CE(y) and CE(y[π]) differ
+    x, y = torch.randn(B, 3, 32, 32, generator=g), torch.randint(0, K, (B,), generator=g)
+    with torch.no_grad():
+        out = method(model, x, y, step_generator(0, 5))
+        s = sample_mix(B, 0.7, "cpu", step_generator(0, 5))
+        cut = round(s.lam * 32)
+        by_hand = torch.cat([x[..., :cut], x[s.perm][..., cut:]], dim=-1)
+        logits = model(by_hand)
+    kept = cut / 32
+    expected = kept * F.cross_entropy(logits, y, label_smoothing=0.1) + (
+        1 - kept
+    ) * F.cross_entropy(logits, y[s.perm], label_smoothing=0.1)
+    torch.testing.assert_close(out.loss, expected)
+    assert out.stats["lam"].item() == pytest.approx(kept) and out.stats["cut"].item() == cut
 
 
 def test_a_name_is_registered_once(twice_mixed):

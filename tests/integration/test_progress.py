@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.training.progress import RunProgress, format_duration, format_line, progress_mode
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(

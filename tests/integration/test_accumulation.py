@@ -1,6 +1,6 @@
 """Gradient accumulation: k micro-batches of B make the optimiser step of their mean loss, each
 micro-batch mixed within itself; DDP all-reduces once per optimiser step; the lr follows the
-effective batch; `train.global_batch` derives k. (Exact resume mid-step: tests/test_trainer.py.)"""
+effective batch; `train.global_batch` derives k. (Exact resume mid-step: test_trainer.py.)"""
 
 from __future__ import annotations
 
